@@ -1,0 +1,1 @@
+"""The domain library of the Bitvavo trading stack. It never imports prefect."""

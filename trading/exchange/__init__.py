@@ -1,0 +1,1 @@
+"""Bitvavo protocol: signing, REST client, asyncio WebSocket client, rate governor, errors."""
