@@ -2,9 +2,8 @@
 
 import hashlib
 import hmac
-from typing import Any
-
 import json
+from typing import Any
 
 WEBSOCKET_SIGN_PATH = "/v2/websocket"
 

@@ -1,0 +1,85 @@
+from decimal import Decimal
+
+import pytest
+
+from trading.book import BookSync, OrderBook, SyncState, UpdateOutcome
+from trading.exchange.models import BookSnapshot, BookUpdate
+from tests.fixtures import wire_captures
+
+D = Decimal
+
+
+def snap(nonce: int, bids: list[tuple[str, str]], asks: list[tuple[str, str]], market: str = "BTC-EUR"
+         ) -> BookSnapshot:
+    return BookSnapshot.from_wire({"market": market, "nonce": nonce, "bids": [list(b) for b in bids],
+                                   "asks": [list(a) for a in asks]})
+
+
+def upd(nonce: int, bids: list[tuple[str, str]] = (), asks: list[tuple[str, str]] = (),  # type: ignore[assignment]
+        market: str = "BTC-EUR") -> BookUpdate:
+    return BookUpdate.from_wire({"event": "book", "market": market, "nonce": nonce,
+                                 "bids": [list(b) for b in bids], "asks": [list(a) for a in asks]})
+
+
+def test_padded_and_unpadded_prices_are_one_level() -> None:
+    book = OrderBook("BTC-EUR")
+    book.load(snap(1, [("75516", "1")], [("75520", "1")]))
+    book.apply(upd(2, bids=[("75516.00", "0.00058294")]))
+    assert book.bids() == [(D("75516"), D("0.00058294"))]
+    book.apply(upd(3, bids=[("75516.0000", "0")]))
+    assert book.bids() == []
+
+
+def test_levels_stay_sorted_and_best_is_cheap() -> None:
+    book = OrderBook("BTC-EUR")
+    book.load(snap(1, [("100", "1"), ("99", "1")], [("101", "1"), ("102", "1")]))
+    book.apply(upd(2, bids=[("98.5", "2"), ("100.5", "3")], asks=[("101", "0"), ("103", "1")]))
+    assert [p for p, _ in book.bids()] == [D("100.5"), D(100), D(99), D("98.5")]
+    assert [p for p, _ in book.asks()] == [D(102), D(103)]
+    assert book.best_bid() == (D("100.5"), D(3))
+    assert book.best_ask() == (D(102), D(1))
+    assert book.bids(2) == book.bids()[:2]
+    assert not book.is_crossed()
+
+
+def test_snapshot_drops_buffered_events_at_or_below_its_nonce() -> None:
+    sync = BookSync("BTC-EUR")
+    for nonce in (8, 9, 10, 11, 12):
+        assert sync.on_update(upd(nonce, bids=[("100", str(nonce))])) is UpdateOutcome.BUFFERED
+    assert sync.on_snapshot(snap(10, [("100", "10")], [("101", "1")]))
+    assert sync.state is SyncState.LIVE
+    assert sync.book.nonce == 12 and sync.book.best_bid() == (D(100), D(12))
+    assert sync.on_update(upd(13)) is UpdateOutcome.APPLIED
+
+
+def test_snapshot_older_than_the_buffer_needs_another_snapshot() -> None:
+    sync = BookSync("BTC-EUR")
+    sync.on_update(upd(20))
+    assert not sync.on_snapshot(snap(15, [("1", "1")], [("2", "1")]))
+    assert sync.state is SyncState.AWAITING_SNAPSHOT
+    assert sync.on_snapshot(snap(19, [("1", "1")], [("2", "1")]))
+    assert sync.book.nonce == 20
+
+
+@pytest.mark.parametrize("bad_nonce", [7, 5, 1, 0], ids=["skip", "duplicate", "reset", "reset-to-zero"])
+def test_any_nonce_discontinuity_is_a_gap(bad_nonce: int) -> None:
+    sync = BookSync("BTC-EUR")
+    sync.on_snapshot(snap(5, [("1", "1")], [("2", "1")]))
+    outcome = sync.on_update(upd(bad_nonce))
+    assert outcome is UpdateOutcome.GAP
+    assert sync.state is SyncState.AWAITING_SNAPSHOT
+    assert sync.resyncs == 1 and sync.last_gap is not None and sync.last_gap.expected_nonce == 6
+
+
+def test_recorded_deltas_apply_to_the_recorded_snapshot_shape() -> None:
+    frames = [c["frame"] for c in wire_captures() if isinstance(c.get("frame"), dict)]
+    snapshot = next(f["response"] for f in frames if f.get("action") == "getBook" and "response" in f)
+    delta = next(f for f in frames if f.get("event") == "book" and f["market"] == "BTC-EUR")
+    book = OrderBook("BTC-EUR")
+    book.load(BookSnapshot.from_wire(snapshot))
+    book.apply(BookUpdate.from_wire(delta))
+    # "74968.00" -> "0" deletes nothing that is absent; "75516.00" adds a level that sorts below the best bid.
+    assert book.size_at("buy", D("75516")) == D("0.00058294")
+    assert book.size_at("buy", D("74966")) == D("0.001")
+    assert book.best_bid() == (D("75521"), D("0.05641959"))
+    assert [p for p, _ in book.bids()] == sorted((p for p, _ in book.bids()), reverse=True)

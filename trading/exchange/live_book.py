@@ -1,0 +1,122 @@
+"""Local order books kept in sync over a `BitvavoWebSocket` (spec §7.4).
+
+Book events are fed in by `on_book_event` (called from the socket's event handler). The first
+event buffered while a market has no valid book triggers a `getBook` snapshot over the same
+socket; `BookSync` replays the buffer and declares gaps. Every gap is reported to `on_gap`
+and healed by a new snapshot; a reconnect resets all books (`reset_all`, wired as the socket's
+`on_connect` hook) because events were missed while it was down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from trading.book import BookSync, Gap, UpdateOutcome
+from trading.exchange.errors import BitvavoError
+from trading.exchange.models import BookSnapshot, BookUpdate, PayloadError
+from trading.exchange.ws import BitvavoWebSocket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LiveBookStats:
+    applied: int = 0
+    parse_errors: int = 0
+    unknown_market: int = 0
+    snapshots: int = 0
+    stale_snapshots: int = 0
+    snapshot_failures: int = 0
+
+
+class LiveBooks:
+    def __init__(self, markets: list[str], *, on_applied: Callable[[BookSync, BookUpdate], None] | None = None,
+                 on_gap: Callable[[Gap], None] | None = None,
+                 on_snapshot: Callable[[BookSync, BookSnapshot], None] | None = None) -> None:
+        self.syncs: dict[str, BookSync] = {m: BookSync(m) for m in markets}
+        self.stats = LiveBookStats()
+        self._on_applied = on_applied
+        self._on_gap = on_gap
+        self._on_snapshot = on_snapshot
+        self._ws: BitvavoWebSocket | None = None
+        self._fetching: dict[str, asyncio.Task[None]] = {}
+
+    def attach(self, ws: BitvavoWebSocket) -> None:
+        self._ws = ws
+
+    @property
+    def resyncs(self) -> int:
+        return sum(s.resyncs for s in self.syncs.values())
+
+    def add_market(self, market: str) -> None:
+        self.syncs.setdefault(market, BookSync(market))
+
+    def remove_market(self, market: str) -> None:
+        self.syncs.pop(market, None)
+        task = self._fetching.pop(market, None)
+        if task is not None:
+            task.cancel()
+
+    def reset_all(self) -> None:
+        for sync in self.syncs.values():
+            sync.reset()
+        for task in self._fetching.values():
+            task.cancel()
+        self._fetching.clear()
+
+    def on_book_event(self, frame: dict[str, Any]) -> None:
+        try:
+            update = BookUpdate.from_wire(frame)
+        except PayloadError as exc:
+            self.stats.parse_errors += 1
+            log.debug("rejected book event: %s", exc)
+            return
+        sync = self.syncs.get(update.market)
+        if sync is None:
+            self.stats.unknown_market += 1
+            return
+        outcome = sync.on_update(update)
+        if outcome is UpdateOutcome.APPLIED:
+            self.stats.applied += 1
+            if self._on_applied is not None:
+                self._on_applied(sync, update)
+            return
+        if outcome is UpdateOutcome.GAP and sync.last_gap is not None:
+            log.info("book gap on %s: expected nonce %d, got %d; resyncing", sync.market,
+                     sync.last_gap.expected_nonce, sync.last_gap.received_nonce)
+            if self._on_gap is not None:
+                self._on_gap(sync.last_gap)
+        self._ensure_snapshot(sync.market)
+
+    def _ensure_snapshot(self, market: str) -> None:
+        if market in self._fetching or self._ws is None:
+            return
+        self._fetching[market] = asyncio.get_running_loop().create_task(self._fetch_snapshot(market))
+
+    async def _fetch_snapshot(self, market: str, max_attempts: int = 5) -> None:
+        assert self._ws is not None
+        try:
+            for _attempt in range(max_attempts):
+                sync = self.syncs.get(market)
+                if sync is None:
+                    return
+                try:
+                    snapshot = BookSnapshot.from_wire(await self._ws.request("getBook", market=market))
+                except (TimeoutError, BitvavoError, PayloadError, ConnectionError) as exc:
+                    self.stats.snapshot_failures += 1
+                    log.warning("getBook %s failed: %s", market, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                self.stats.snapshots += 1
+                if sync.on_snapshot(snapshot):
+                    if self._on_snapshot is not None:
+                        self._on_snapshot(sync, snapshot)
+                    return
+                self.stats.stale_snapshots += 1
+            log.error("book %s: no usable snapshot after %d attempts", market, max_attempts)
+        finally:
+            self._fetching.pop(market, None)

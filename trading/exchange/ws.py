@@ -1,0 +1,302 @@
+"""Asyncio WebSocket client for Bitvavo (spec §7), replacing the SDK's threaded one (spec §8).
+
+- One socket carries every market. `run()` connects, authenticates when credentials are given,
+  sends ONE subscribe frame with exactly the desired subscriptions, then reads until the socket
+  drops, goes silent, or `close()` is called; it reconnects with capped exponential backoff and
+  full jitter, and resubscribes the same channels.
+- `request(action, **params)` sends an action with a `requestId` and returns its `response`, or
+  raises the typed `BitvavoError` of the error frame. Requests in flight when the socket drops
+  fail with `ConnectionResetError`.
+- Stream events go to `on_event(frame)` (a plain callable: it is the hot path). Error frames
+  that answer no request (e.g. a rejected subscribe) go to `on_error_frame`.
+- A socket with subscriptions that delivers nothing for `silence_timeout_s` is treated as dead.
+  Protocol pings keep idle sockets honest (aiohttp heartbeat).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from pydantic import SecretStr
+
+from trading.clock import now_ms
+from trading.exchange.errors import BitvavoError, error_from_payload
+from trading.exchange.governor import RateGovernor
+from trading.exchange.signing import websocket_signature
+from trading.exchange.weights import ws_action_weight
+
+log = logging.getLogger(__name__)
+
+Channel = tuple[str, str | None]  # (name, interval) — interval only for candles
+EventHandler = Callable[[dict[str, Any]], None]
+ConnectHook = Callable[[], Awaitable[None] | None]
+
+
+@dataclass
+class WsStats:
+    connects: int = 0
+    reconnects: int = 0
+    silent_disconnects: int = 0
+    messages: int = 0
+    malformed_frames: int = 0
+    error_frames: int = 0
+    last_message_ms: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with full jitter: sleep U(0, min(cap, base * 2**attempt))."""
+
+    base_s: float = 0.5
+    cap_s: float = 30.0
+    rng: random.Random = field(default_factory=random.Random)
+    attempt: int = 0
+
+    def next_delay(self) -> float:
+        delay = self.rng.uniform(0, min(self.cap_s, self.base_s * 2 ** self.attempt))
+        self.attempt = min(self.attempt + 1, 30)
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class WebSocketClosedError(ConnectionResetError):
+    pass
+
+
+class BitvavoWebSocket:
+    def __init__(self, url: str, *, on_event: EventHandler, api_key: SecretStr | None = None,
+                 api_secret: SecretStr | None = None, governor: RateGovernor | None = None,
+                 on_error_frame: EventHandler | None = None, on_connect: ConnectHook | None = None,
+                 backoff: Backoff | None = None, silence_timeout_s: float = 30.0, heartbeat_s: float = 20.0,
+                 request_timeout_s: float = 10.0, access_window_ms: int = 10_000) -> None:
+        self.url = url
+        self._on_event = on_event
+        self._on_error_frame = on_error_frame
+        self._on_connect = on_connect
+        self._api_key = api_key
+        self._api_secret = api_secret
+        self._governor = governor
+        self.backoff = backoff or Backoff()
+        self.silence_timeout_s = silence_timeout_s
+        self.heartbeat_s = heartbeat_s
+        self.request_timeout_s = request_timeout_s
+        self.access_window_ms = access_window_ms
+        self.stats = WsStats()
+        self.subscriptions: dict[Channel, set[str]] = {}
+        self.acked_subscriptions: dict[str, Any] = {}
+        self.authenticated = False
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._auth_future: asyncio.Future[None] | None = None
+        self._next_request_id = 1
+        self._closing = False
+        self._connected = asyncio.Event()
+
+    # public API --------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None and not self._ws.closed and self._connected.is_set()
+
+    async def wait_connected(self, timeout_s: float | None = None) -> None:
+        await asyncio.wait_for(self._connected.wait(), timeout_s)
+
+    async def subscribe(self, name: str, markets: list[str] | set[str], interval: str | None = None) -> None:
+        new = set(markets) - self.subscriptions.get((name, interval), set())
+        self.subscriptions.setdefault((name, interval), set()).update(markets)
+        if new and self.connected:
+            await self._send_subscription("subscribe", {(name, interval): new})
+
+    async def unsubscribe(self, name: str, markets: list[str] | set[str], interval: str | None = None) -> None:
+        current = self.subscriptions.get((name, interval), set())
+        gone = current & set(markets)
+        current -= gone
+        if not current:
+            self.subscriptions.pop((name, interval), None)
+        if gone and self.connected:
+            await self._send_subscription("unsubscribe", {(name, interval): gone})
+
+    async def request(self, action: str, **params: Any) -> Any:
+        if not self.connected:
+            raise WebSocketClosedError(f"{action}: not connected")
+        request_id = self._next_request_id
+        self._next_request_id += 1
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            await self._send({"action": action, "requestId": request_id, **params},
+                             weight=ws_action_weight(action, params))
+            return await asyncio.wait_for(future, self.request_timeout_s)
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def run(self) -> None:
+        """Connect and keep connected until `close()`; never returns otherwise."""
+        self._closing = False
+        async with aiohttp.ClientSession() as session:
+            while not self._closing:
+                try:
+                    await self._connect_and_read(session)
+                except (TimeoutError, aiohttp.ClientError, OSError, BitvavoError) as exc:
+                    self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                    log.warning("websocket %s: %s", self.url, self.stats.last_error)
+                finally:
+                    self._on_disconnected()
+                if self._closing:
+                    break
+                self.stats.reconnects += 1
+                await asyncio.sleep(self.backoff.next_delay())
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._ws is not None:
+            await self._ws.close()
+
+    async def drop_connection(self) -> None:
+        """Close the current socket; `run()` reconnects (used when a consumer detects a stale feed)."""
+        if self._ws is not None:
+            await self._ws.close()
+
+    # connection lifecycle ----------------------------------------------------------------------
+
+    async def _connect_and_read(self, session: aiohttp.ClientSession) -> None:
+        self._ws = await session.ws_connect(self.url, heartbeat=self.heartbeat_s, autoping=True,
+                                            max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
+        self.stats.connects += 1
+        self.stats.last_message_ms = now_ms()
+        reader = asyncio.create_task(self._read_loop(self._ws))
+        try:
+            if self._api_key is not None and self._api_secret is not None:
+                await self._authenticate()
+            if self._on_connect is not None:
+                result = self._on_connect()
+                if result is not None:
+                    await result
+            if self.subscriptions:
+                await self._send_subscription("subscribe", self.subscriptions)
+            self._connected.set()
+            log.info("websocket connected to %s (%d channel groups)", self.url, len(self.subscriptions))
+        except BaseException:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            raise
+        await reader
+
+    def _on_disconnected(self) -> None:
+        self._connected.clear()
+        self.authenticated = False
+        self._ws = None
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(WebSocketClosedError("websocket closed before the reply"))
+        self._pending.clear()
+        if self._auth_future is not None and not self._auth_future.done():
+            self._auth_future.set_exception(WebSocketClosedError("websocket closed during authenticate"))
+
+    async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        started = asyncio.get_running_loop().time()
+        while True:
+            timeout = self.silence_timeout_s if self.subscriptions else None
+            try:
+                message = await ws.receive(timeout=timeout)
+            except TimeoutError:
+                self.stats.silent_disconnects += 1
+                self.stats.last_error = f"no message for {self.silence_timeout_s}s"
+                await ws.close()
+                return
+            if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                self._dispatch(message.data)
+                # A connection that stayed up a while earns a fresh backoff.
+                if self.backoff.attempt and asyncio.get_running_loop().time() - started > 10:
+                    self.backoff.reset()
+            elif message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
+                                  aiohttp.WSMsgType.ERROR):
+                return
+
+    def _dispatch(self, data: str | bytes) -> None:
+        try:
+            frame = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.stats.malformed_frames += 1
+            return
+        if not isinstance(frame, dict):
+            self.stats.malformed_frames += 1
+            return
+        self.stats.messages += 1
+        self.stats.last_message_ms = now_ms()
+        if "event" in frame and "errorCode" not in frame:
+            event = frame["event"]
+            if event == "subscribed" or event == "unsubscribed":
+                self.acked_subscriptions = frame.get("subscriptions", {})
+            elif event == "authenticate":
+                self._resolve_auth(frame)
+            else:
+                self._on_event(frame)
+            return
+        request_id = frame.get("requestId")
+        future = self._pending.get(request_id) if isinstance(request_id, int) else None
+        if "errorCode" in frame:
+            self.stats.error_frames += 1
+            error = error_from_payload(frame)
+            if future is not None and not future.done():
+                future.set_exception(error)
+            elif frame.get("action") == "authenticate":
+                self._resolve_auth(frame)
+            elif self._on_error_frame is not None:
+                self._on_error_frame(frame)
+            else:
+                log.warning("websocket error frame: %s", error)
+            return
+        if future is not None and not future.done():
+            future.set_result(frame.get("response"))
+
+    # protocol helpers --------------------------------------------------------------------------
+
+    async def _send(self, frame: dict[str, Any], *, weight: int = 1) -> None:
+        if self._governor is not None:
+            await self._governor.acquire_async(weight)
+        ws = self._ws
+        if ws is None or ws.closed:
+            raise WebSocketClosedError(f"{frame.get('action')}: socket closed")
+        await ws.send_str(orjson.dumps(frame).decode())
+
+    async def _send_subscription(self, action: str, channels: dict[Channel, set[str]]) -> None:
+        payload = []
+        for (name, interval), markets in sorted(channels.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+            entry: dict[str, Any] = {"name": name, "markets": sorted(markets)}
+            if interval is not None:
+                entry["interval"] = [interval]
+            payload.append(entry)
+        await self._send({"action": action, "channels": payload})
+
+    async def _authenticate(self) -> None:
+        assert self._api_key is not None and self._api_secret is not None
+        timestamp = now_ms()
+        self._auth_future = asyncio.get_running_loop().create_future()
+        await self._send({"action": "authenticate", "key": self._api_key.get_secret_value(),
+                          "signature": websocket_signature(self._api_secret.get_secret_value(), timestamp),
+                          "timestamp": timestamp, "window": str(self.access_window_ms)})
+        await asyncio.wait_for(self._auth_future, self.request_timeout_s)
+        self.authenticated = True
+
+    def _resolve_auth(self, frame: dict[str, Any]) -> None:
+        future = self._auth_future
+        if future is None or future.done():
+            return
+        if frame.get("authenticated") is True:
+            future.set_result(None)
+        else:
+            future.set_exception(error_from_payload(frame) if "errorCode" in frame
+                                 else BitvavoError(309, "authentication refused"))
