@@ -73,3 +73,15 @@ def test_secrets_never_show() -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"BITVAVO_API_KEY": "x" * 10, "BITVAVO_API_SECRET": ""})
     assert "x" * 10 not in str(info.value)
+
+
+def test_cli_check_config_fails_with_the_variable_named(capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from trading.cli import main
+
+    monkeypatch.setenv("DRY_RUN", "perhaps")
+    assert main(["check-config"]) == 2
+    assert "DRY_RUN" in capsys.readouterr().err
+    monkeypatch.setenv("DRY_RUN", "true")
+    assert main(["check-config"]) == 0
+    assert '"dry_run": "True"' in capsys.readouterr().out

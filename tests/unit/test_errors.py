@@ -1,5 +1,6 @@
 import pytest
 
+from tests.fixtures import wire_captures
 from trading.exchange.errors import (
     ERROR_SPECS,
     AuthenticationError,
@@ -16,7 +17,6 @@ from trading.exchange.errors import (
     error_body,
     error_from_payload,
 )
-from tests.fixtures import wire_captures
 
 
 @pytest.mark.parametrize(("code", "cls"), [

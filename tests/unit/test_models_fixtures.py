@@ -4,9 +4,10 @@ from decimal import Decimal
 
 import pytest
 
+from tests.fixtures import ccxt_responses, market_snapshot, wire_captures
+from trading.book import BookSync, UpdateOutcome
 from trading.exchange.models import (
     BookSnapshot,
-    BookUpdate,
     Candle,
     CandleEvent,
     ErrorReply,
@@ -15,7 +16,6 @@ from trading.exchange.models import (
     PayloadError,
     Ticker24h,
 )
-from tests.fixtures import ccxt_responses, market_snapshot, wire_captures
 
 
 def _levels(raw: list[list[str]]) -> list[tuple[Decimal, Decimal]]:
@@ -32,9 +32,14 @@ def test_wire_book_frames() -> None:
         assert (snap.market, snap.nonce, snap.timestamp_ns) == (raw["market"], raw["nonce"], raw["timestamp"])
         assert snap.bids == _levels(raw["bids"]) and snap.asks == _levels(raw["asks"])
     for raw in deltas:
-        update = BookUpdate.from_wire(raw)
-        assert update.nonce == raw["nonce"] and update.timestamp_ns == raw["timestamp"]
-        assert update.bids == _levels(raw["bids"]) and update.asks == _levels(raw["asks"])
+        # Every level of the recorded delta lands in the book at its decimal price.
+        sync = BookSync(raw["market"])
+        sync.on_snapshot(BookSnapshot.from_wire({"market": raw["market"], "nonce": raw["nonce"] - 1,
+                                                 "bids": [], "asks": []}))
+        assert sync.on_update(raw) is UpdateOutcome.APPLIED and sync.book.nonce == raw["nonce"]
+        for side, name in (("buy", "bids"), ("sell", "asks")):
+            for price, size in _levels(raw[name]):
+                assert sync.book.size_at(side, price) == size
 
 
 def test_snapshot_books_and_candles() -> None:
@@ -94,22 +99,6 @@ def test_ticker24h_and_candle_event_shapes() -> None:
     event = CandleEvent.from_wire({"event": "candle", "market": "BTC-EUR", "interval": "1m",
                                    "candle": [[1789776840000, "70380", "70389", "70380", "70389", "0.00077932"]]})
     assert event.candles[0].high == Decimal("70389")
-
-
-@pytest.mark.parametrize("frame", [
-    {"event": "book", "market": "BTC-EUR", "nonce": "x", "bids": [], "asks": []},
-    {"event": "book", "market": "BTC-EUR", "nonce": 1, "bids": [["NaN", "1"]], "asks": []},
-    {"event": "book", "market": "BTC-EUR", "nonce": 1, "bids": [["100", "-1"]], "asks": []},
-    {"event": "book", "market": "BTC-EUR", "nonce": 1, "bids": [[100.5, "1"]], "asks": []},
-    {"event": "book", "market": "btc-eur", "nonce": 1, "bids": [], "asks": []},
-    {"event": "book", "market": "BTC-EUR", "nonce": True, "bids": [], "asks": []},
-    {"event": "book", "nonce": 1},
-    {"event": "book", "market": "BTC-EUR", "nonce": 1, "bids": "oops", "asks": []},
-    ["not", "an", "object"],
-])
-def test_malformed_book_events_raise_payload_error(frame: object) -> None:
-    with pytest.raises(PayloadError):
-        BookUpdate.from_wire(frame)
 
 
 def test_inconsistent_candle_is_rejected() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from trading.book import BookSync, Gap, UpdateOutcome
 from trading.exchange.errors import BitvavoError
-from trading.exchange.models import BookSnapshot, BookUpdate, PayloadError
+from trading.exchange.models import BookSnapshot, PayloadError
 from trading.exchange.ws import BitvavoWebSocket
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class LiveBookStats:
 
 
 class LiveBooks:
-    def __init__(self, markets: list[str], *, on_applied: Callable[[BookSync, BookUpdate], None] | None = None,
+    def __init__(self, markets: list[str], *, on_applied: Callable[[BookSync, dict[str, Any]], None] | None = None,
                  on_gap: Callable[[Gap], None] | None = None,
                  on_snapshot: Callable[[BookSync, BookSnapshot], None] | None = None) -> None:
         self.syncs: dict[str, BookSync] = {m: BookSync(m) for m in markets}
@@ -69,21 +69,21 @@ class LiveBooks:
         self._fetching.clear()
 
     def on_book_event(self, frame: dict[str, Any]) -> None:
-        try:
-            update = BookUpdate.from_wire(frame)
-        except PayloadError as exc:
-            self.stats.parse_errors += 1
-            log.debug("rejected book event: %s", exc)
-            return
-        sync = self.syncs.get(update.market)
+        sync = self.syncs.get(frame.get("market"))  # type: ignore[arg-type]
         if sync is None:
             self.stats.unknown_market += 1
             return
-        outcome = sync.on_update(update)
+        try:
+            outcome = sync.on_update(frame)
+        except PayloadError as exc:
+            self.stats.parse_errors += 1
+            log.warning("rejected book event on %s (book resyncs): %s", sync.market, exc)
+            self._ensure_snapshot(sync.market)
+            return
         if outcome is UpdateOutcome.APPLIED:
             self.stats.applied += 1
             if self._on_applied is not None:
-                self._on_applied(sync, update)
+                self._on_applied(sync, frame)
             return
         if outcome is UpdateOutcome.GAP and sync.last_gap is not None:
             log.info("book gap on %s: expected nonce %d, got %d; resyncing", sync.market,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
-from trading.decimals import DecimalParseError, parse_decimal, parse_non_negative, parse_positive
+from trading.decimals import DecimalParseError, parse_decimal
 
 Level = tuple[Decimal, Decimal]
 
@@ -51,26 +51,60 @@ def _opt_dec(payload: dict[str, Any], key: str) -> Decimal | None:
     return None if value is None else _dec(value, key)
 
 
-def _market(value: Any) -> str:
+_KNOWN_MARKETS: set[str] = set()
+
+
+def parse_market(value: Any) -> str:
+    if value in _KNOWN_MARKETS:
+        return value  # type: ignore[no-any-return]
     if not isinstance(value, str) or value.count("-") != 1 or value != value.upper():
         raise PayloadError(f"market must be BASE-QUOTE in upper case, got {value!r}")
+    if len(_KNOWN_MARKETS) < 10_000:
+        _KNOWN_MARKETS.add(value)
     return value
 
 
-def parse_levels(raw: Any, field_name: str, *, allow_zero: bool) -> list[Level]:
-    """[[price, size], ...] -> [(Decimal, Decimal)]. Deltas may carry size 0 (delete)."""
-    if not isinstance(raw, list):
+_PRICE_CACHE: dict[str, Decimal] = {}
+_PRICE_CACHE_MAX = 200_000
+cached_price = _PRICE_CACHE.get  # bound lookup for hot loops; returns None for unseen strings
+
+
+def parse_level_decimal(text: Any, field_name: str, *, allow_zero: bool) -> Decimal:
+    """A book price or size: a decimal string of digits (no sign, NaN, Infinity or float)."""
+    # A leading digit rules out "-1", "NaN", "Infinity", "+1", " 1" before Decimal() runs.
+    if type(text) is not str or not text or not "0" <= text[0] <= "9":
+        raise PayloadError(f"{field_name} must be a non-negative decimal string, got {text!r}")
+    try:
+        value = Decimal(text)
+    except ArithmeticError:
+        raise PayloadError(f"{field_name} is not a decimal: {text!r}") from None
+    if not allow_zero and not value:
+        raise PayloadError(f"{field_name} must be positive, got {text!r}")
+    return value
+
+
+def parse_price(text: Any, field_name: str = "price") -> Decimal:
+    """Prices repeat endlessly on a book feed: each distinct string is parsed once."""
+    cached = _PRICE_CACHE.get(text) if type(text) is str else None
+    if cached is not None:
+        return cached
+    value = parse_level_decimal(text, field_name, allow_zero=False)
+    if len(_PRICE_CACHE) >= _PRICE_CACHE_MAX:
+        _PRICE_CACHE.clear()
+    _PRICE_CACHE[text] = value
+    return value
+
+
+def parse_levels(raw: Any, field_name: str) -> list[Level]:
+    """Snapshot levels [[price, size], ...] -> [(Decimal, Decimal)]; every size positive."""
+    if type(raw) is not list:
         raise PayloadError(f"{field_name} must be a list of [price, size]")
     levels: list[Level] = []
     for entry in raw:
-        if not isinstance(entry, list) or len(entry) != 2:
+        if type(entry) is not list or len(entry) != 2:
             raise PayloadError(f"{field_name} entries must be [price, size], got {entry!r}")
-        try:
-            price = parse_positive(entry[0], f"{field_name} price")
-            size = (parse_non_negative if allow_zero else parse_positive)(entry[1], f"{field_name} size")
-        except DecimalParseError as exc:
-            raise PayloadError(str(exc)) from None
-        levels.append((price, size))
+        levels.append((parse_price(entry[0], f"{field_name} price"),
+                       parse_level_decimal(entry[1], f"{field_name} size", allow_zero=False)))
     return levels
 
 
@@ -78,8 +112,7 @@ def _extra(payload: dict[str, Any], known: frozenset[str]) -> dict[str, Any]:
     return {k: v for k, v in payload.items() if k not in known}
 
 
-@dataclass(frozen=True, slots=True)
-class BookSnapshot:
+class BookSnapshot(NamedTuple):
     market: str
     nonce: int
     bids: list[Level]
@@ -89,31 +122,10 @@ class BookSnapshot:
     @classmethod
     def from_wire(cls, payload: Any) -> BookSnapshot:
         return cls(
-            market=_market(_require(payload, "market", "book snapshot")),
+            market=parse_market(_require(payload, "market", "book snapshot")),
             nonce=_int(_require(payload, "nonce", "book snapshot"), "nonce"),
-            bids=parse_levels(_require(payload, "bids", "book snapshot"), "bids", allow_zero=False),
-            asks=parse_levels(_require(payload, "asks", "book snapshot"), "asks", allow_zero=False),
-            timestamp_ns=_int(payload["timestamp"], "timestamp") if "timestamp" in payload else None,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class BookUpdate:
-    """A `book` event: absolute new sizes per level, size 0 deletes the level."""
-
-    market: str
-    nonce: int
-    bids: list[Level]
-    asks: list[Level]
-    timestamp_ns: int | None = None
-
-    @classmethod
-    def from_wire(cls, payload: Any) -> BookUpdate:
-        return cls(
-            market=_market(_require(payload, "market", "book event")),
-            nonce=_int(_require(payload, "nonce", "book event"), "nonce"),
-            bids=parse_levels(payload.get("bids", []), "bids", allow_zero=True),
-            asks=parse_levels(payload.get("asks", []), "asks", allow_zero=True),
+            bids=parse_levels(_require(payload, "bids", "book snapshot"), "bids"),
+            asks=parse_levels(_require(payload, "asks", "book snapshot"), "asks"),
             timestamp_ns=_int(payload["timestamp"], "timestamp") if "timestamp" in payload else None,
         )
 
@@ -156,7 +168,7 @@ class CandleEvent:
         interval = _require(payload, "interval", "candle event")
         if not isinstance(interval, str):
             raise PayloadError("candle event: interval must be a string")
-        return cls(_market(_require(payload, "market", "candle event")), interval,
+        return cls(parse_market(_require(payload, "market", "candle event")), interval,
                    [Candle.from_wire(r) for r in rows])
 
 
@@ -245,7 +257,7 @@ class Order:
         operator = payload.get("operatorId")
         return cls(
             order_id=str(_require(payload, "orderId", "order")),
-            market=_market(_require(payload, "market", "order")),
+            market=parse_market(_require(payload, "market", "order")),
             created=_int(_require(payload, "created", "order"), "created"),
             updated=_int(_require(payload, "updated", "order"), "updated"),
             status=str(_require(payload, "status", "order")),
@@ -273,7 +285,7 @@ class Ticker24h:
 
     @classmethod
     def from_wire(cls, payload: Any) -> Ticker24h:
-        market = _market(_require(payload, "market", "ticker24h"))
+        market = parse_market(_require(payload, "market", "ticker24h"))
         return cls(
             market=market,
             values={k: _opt_dec(payload, k) for k in _TICKER_DECIMALS},
