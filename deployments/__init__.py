@@ -1,0 +1,1 @@
+"""Deployment tooling: the one-command local stack, automations, Prometheus, Grafana, systemd."""

@@ -1,0 +1,58 @@
+"""Frame routing of the WebSocket client, without a network (the socket is tested in integration)."""
+
+import asyncio
+import random
+from typing import Any
+
+import pytest
+
+from trading.exchange.errors import InvalidRequestError
+from trading.exchange.ws import Backoff, BitvavoWebSocket
+
+
+def make_client() -> tuple[BitvavoWebSocket, list[dict[str, Any]], list[dict[str, Any]]]:
+    events: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    client = BitvavoWebSocket("ws://127.0.0.1:1/v2/", on_event=events.append, on_error_frame=errors.append)
+    return client, events, errors
+
+
+@pytest.mark.parametrize("garbage", [b"not json", b"[1,2]", b'"text"', b"", b"{"])
+def test_malformed_frames_are_counted_and_skipped(garbage: bytes) -> None:
+    client, events, errors = make_client()
+    client._dispatch(garbage)
+    client._dispatch(b'{"event":"book","market":"BTC-EUR","nonce":1,"bids":[],"asks":[]}')
+    assert client.stats.malformed_frames == 1
+    assert [e["nonce"] for e in events] == [1] and errors == []
+
+
+def test_subscription_acks_are_recorded_not_forwarded() -> None:
+    client, events, _ = make_client()
+    client._dispatch(b'{"event":"subscribed","subscriptions":{"book":["BTC-EUR"]}}')
+    assert client.acked_subscriptions == {"book": ["BTC-EUR"]} and events == []
+
+
+def test_unsolicited_error_frames_reach_the_error_handler() -> None:
+    client, events, errors = make_client()
+    client._dispatch(b'{"action":"subscribe","errorCode":205,"error":"market parameter NOPE-EUR is invalid."}')
+    assert errors[0]["errorCode"] == 205 and client.stats.error_frames == 1 and events == []
+
+
+async def test_error_reply_fails_the_matching_request() -> None:
+    client, _, _ = make_client()
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    client._pending[90] = future
+    client._dispatch(b'{"action":"getBook","requestId":90,"market":"NOPE-EUR","errorCode":205,'
+                     b'"error":"market parameter NOPE-EUR is invalid."}')
+    with pytest.raises(InvalidRequestError) as info:
+        await future
+    assert info.value.error_code == 205 and info.value.action == "getBook"
+
+
+def test_backoff_is_capped_jittered_and_resets() -> None:
+    backoff = Backoff(base_s=0.5, cap_s=4.0, rng=random.Random(1))
+    delays = [backoff.next_delay() for _ in range(12)]
+    assert all(0 <= d <= 4.0 for d in delays)
+    assert max(delays[:2]) <= 1.0 and len(set(delays)) == len(delays)
+    backoff.reset()
+    assert backoff.next_delay() <= 0.5
