@@ -38,11 +38,11 @@ def _start_simulator(port: int) -> tuple[subprocess.Popen[str], str, str]:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the simulator did not start; run `python -m trading.sim` to see why")
             continue
-        for word in line.split():
-            if word.startswith("http://"):
-                rest = word
-            elif word.startswith("ws://"):
-                ws = word
+        name, _, value = line.strip().partition("=")
+        if name == "REST_URL":
+            rest = value
+        elif name == "WS_URL":
+            ws = value
     # Keep draining its output so it never blocks on a full pipe.
     threading.Thread(target=_drain, args=(process.stdout,), daemon=True).start()
     return process, rest, ws
