@@ -1,0 +1,167 @@
+"""The exchange simulator as a real subprocess, for integration tests.
+
+    def test_something(sim):                       # one shared instance per test module
+        requests.get(sim.rest_url + "/time")
+        sim.skip_nonce("BTC-EUR"); sim.drop_connections()
+
+    def test_other(sim_factory):                   # a private instance with extra CLI flags
+        sim = sim_factory("--rate-limit", "20", "--ban-seconds", "2", markets="BTC-EUR")
+
+`run_simulator(...)` is the context manager behind both, usable outside pytest fixtures. The
+process is stopped by PID (SIGTERM, then SIGKILL) in `finally`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trading.sim.config import DEFAULT_API_KEY, DEFAULT_API_SECRET
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SIM_MARKETS = "BTC-EUR,ETH-EUR,XRP-EUR,WMTX-EUR"
+STARTUP_TIMEOUT_S = 20.0
+
+
+@dataclass
+class SimHandle:
+    rest_url: str  # http://127.0.0.1:PORT/v2
+    ws_url: str  # ws://127.0.0.1:PORT/v2/
+    control_url: str  # http://127.0.0.1:PORT/_sim
+    api_key: str
+    api_secret: str
+    process: subprocess.Popen[str]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> int:
+        """SIGTERM (SIGKILL after 5 s); returns the exit code. Idempotent."""
+        return _stop(self.process)
+
+    def control(self, **changes: Any) -> dict[str, Any]:
+        """POST /_sim/faults with `changes` (keys as in docs/simulator.md); returns the stats."""
+        request = urllib.request.Request(self.control_url + "/faults", data=json.dumps(changes).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            result: dict[str, Any] = json.loads(response.read())
+        return result
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.control_url + "/stats", timeout=10) as response:
+            result: dict[str, Any] = json.loads(response.read())
+        return result
+
+    def drop_connections(self, mode: str = "abort") -> None:
+        """Close every WebSocket: 'abort' drops TCP without a close frame, 'close' sends 1001."""
+        self.control(drop_connections=mode)
+
+    def skip_nonce(self, market: str) -> None:
+        self.control(skip_nonce=market)
+
+    def pause_feed(self) -> None:
+        self.control(pause_feed=True)
+
+    def resume_feed(self) -> None:
+        self.control(pause_feed=False)
+
+    def step(self, count: int = 1) -> None:
+        """Run `count` generator steps in every market now (works while paused)."""
+        self.control(step=count)
+
+    def set_book_rate(self, rate: float) -> None:
+        self.control(book_rate=rate)
+
+    def fail_next(self, count: int = 1, error_code: int = 111, execute: bool = False) -> None:
+        self.control(rest_errors={"count": count, "error_code": error_code, "execute": execute})
+
+    def hang_next(self, count: int = 1, seconds: float = 30.0, execute: bool = False) -> None:
+        self.control(rest_timeouts={"count": count, "seconds": seconds, "execute": execute})
+
+    def reset_rate_limits(self) -> None:
+        self.control(reset_rate_limits=True)
+
+    def set_market_status(self, market: str, status: str) -> None:
+        self.control(market_status={market: status})
+
+
+def _read_lines(stream: Any, lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line.strip())
+    lines.put(None)
+
+
+@contextmanager
+def run_simulator(*extra_args: str, seed: int = 7, markets: str = DEFAULT_SIM_MARKETS,
+                  book_rate: float = 20.0) -> Iterator[SimHandle]:
+    """Start `python -m trading.sim --port 0 ...`, wait for its URLs, stop it by PID afterwards."""
+    args = [sys.executable, "-m", "trading.sim", "--port", "0", "--seed", str(seed), "--markets", markets,
+            "--book-rate", str(book_rate), *extra_args]
+    with tempfile.TemporaryFile(mode="w+") as stderr:
+        process = subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        try:
+            lines: queue.Queue[str | None] = queue.Queue()
+            threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+            urls: dict[str, str] = {}
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while len(urls) < 3:
+                try:
+                    line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    line = None
+                if line is None:
+                    stderr.seek(0)
+                    raise RuntimeError(f"simulator did not start (exit {process.poll()}):\n{stderr.read()[-4000:]}")
+                name, _, value = line.partition("=")
+                if name in ("REST_URL", "WS_URL", "CONTROL_URL"):
+                    urls[name] = value
+            key = _flag(extra_args, "--api-key", DEFAULT_API_KEY)
+            secret = _flag(extra_args, "--api-secret", DEFAULT_API_SECRET)
+            yield SimHandle(urls["REST_URL"], urls["WS_URL"], urls["CONTROL_URL"], key, secret, process)
+        finally:
+            _stop(process)
+
+
+def _flag(args: tuple[str, ...], name: str, default: str) -> str:
+    return args[args.index(name) + 1] if name in args else default
+
+
+def _stop(process: subprocess.Popen[str]) -> int:
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            return process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            return process.wait(timeout=5)
+    return process.returncode
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimHandle]:
+    """One simulator per test module (seed 7; BTC/ETH/XRP trading, WMTX halted; 20 book updates/s)."""
+    with run_simulator() as handle:
+        yield handle
+
+
+@pytest.fixture
+def sim_factory() -> Iterator[Callable[..., SimHandle]]:
+    """Start extra simulators: `sim_factory(*cli_args, seed=..., markets=..., book_rate=...)`."""
+    with ExitStack() as stack:
+        yield lambda *args, **kwargs: stack.enter_context(run_simulator(*args, **kwargs))
