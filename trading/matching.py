@@ -237,7 +237,10 @@ class Balance:
 _SIDES = ("buy", "sell")
 _TIME_IN_FORCE = ("GTC", "IOC", "FOK")
 _STP_MODES = ("decrementAndCancel", "cancelOldest", "cancelNewest", "cancelBoth")
-_MARKET_STATUSES = frozenset({"trading", "halted", "auction", "auctionMatching", "cancelOnly"})
+MARKET_STATUSES = ("trading", "halted", "auction", "auctionMatching", "cancelOnly")  # spec §6
+# Prices and amounts from 10**15 up are refused as above any market's maximum (211/210); beyond
+# that, Decimal's 28-digit context can no longer do tick arithmetic exactly.
+MAGNITUDE_LIMIT_EXPONENT = 15
 _STP_CANCELED = "canceledSelfTradePrevention"
 
 
@@ -393,7 +396,7 @@ class MatchingEngine:
         return self._book(market).rules
 
     def set_market_status(self, market: str, status: str) -> None:
-        if status not in _MARKET_STATUSES:
+        if status not in MARKET_STATUSES:
             raise ValueError(f"unknown market status {status!r}")
         book = self._book(market)
         book.rules = dataclasses.replace(book.rules, status=status)
@@ -732,6 +735,8 @@ class MatchingEngine:
     def _check_price(self, price: Decimal, rules: MarketRules) -> None:
         if price <= 0:
             raise _invalid("price", price)
+        if price.adjusted() >= MAGNITUDE_LIMIT_EXPONENT:
+            raise _error(211)
         if price % rules.tick_size != 0:
             raise _error(422, f"price parameter {format_decimal(price)} is not a multiple of "
                               f"tickSize {format_decimal(rules.tick_size)}.")
@@ -739,6 +744,8 @@ class MatchingEngine:
     def _check_amount(self, param: str, amount: Decimal, rules: MarketRules) -> None:
         if amount <= 0:
             raise _invalid(param, amount)
+        if amount.adjusted() >= MAGNITUDE_LIMIT_EXPONENT:
+            raise _error(210)
         if decimal_places(amount) > rules.quantity_decimals:
             raise self._too_many_decimals(param, amount)
 

@@ -757,3 +757,10 @@ def test_sell_maker_order_fees(engine: MatchingEngine) -> None:
     assert result.fills[0].fee == D("6.92") - D("6.89448938")
     assert available(engine, "alice", "EUR") == EUR0 + D("6.88")
     assert engine.orders("alice", "BTC-EUR")[0].to_wire()["feePaid"] == "0.01448938"
+
+
+@pytest.mark.parametrize(("field", "code"), [("price", 211), ("amount", 210)])
+def test_absurd_magnitudes_are_refused_not_crashing(engine: MatchingEngine, field: str, code: int) -> None:
+    values = {"amount": "0.01", "price": "30000", field: "1e30"}
+    expect_error(code, lambda: engine.place("alice", limit("buy", values["amount"], values["price"])))
+    expect_error(211, lambda: engine.set_liquidity_level("mm", "BTC-EUR", "sell", D("1e30"), D("1")))

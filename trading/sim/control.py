@@ -14,10 +14,10 @@ from aiohttp import web
 
 from trading.decimals import format_decimal
 from trading.exchange.errors import ERROR_SPECS
+from trading.matching import MARKET_STATUSES
 from trading.sim.auth import ALL_PERMISSIONS, KEY_STATES
 from trading.sim.exchange import SimExchange
 from trading.sim.feed import FeedLoop
-from trading.sim.markets import MARKET_STATUSES
 from trading.sim.ws import WsHandler
 
 # Codes a REST fault may answer with: the server-side failures of spec §3.

@@ -20,7 +20,6 @@ MAX_ORDER = Decimal("1000000000")
 MAX_OPEN_ORDERS = 100
 NOTIONAL_DECIMALS = 2
 ORDER_TYPES = ("market", "limit")
-MARKET_STATUSES = ("trading", "halted", "auction", "auctionMatching", "cancelOnly")  # spec §6
 
 
 @dataclass(frozen=True)

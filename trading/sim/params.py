@@ -14,11 +14,11 @@ from typing import Any
 
 from trading.decimals import DecimalParseError, parse_decimal
 from trading.exchange.errors import BitvavoError, error_body, exception_class_for, http_status_for
+from trading.matching import MAGNITUDE_LIMIT_EXPONENT
 
 Params = dict[str, Any]
 _MARKET_SHAPE = re.compile(r"^[A-Z0-9]+-[A-Z0-9]+$")
 _INT64_MAX = 2**63 - 1
-_MAGNITUDE_LIMIT = 15  # decimal exponent: values >= 1e15 are refused as above the maximum
 
 
 def api_error(code: int, message: str | None = None) -> BitvavoError:
@@ -79,8 +79,7 @@ def decimal(params: Params, name: str) -> Decimal | None:
         raise invalid(name, value if isinstance(value, (str, int)) else None) from None
     if number <= 0:
         raise invalid(name, value)
-    if number.adjusted() >= _MAGNITUDE_LIMIT:
-        # Far beyond any market's maximum, and big enough to break the engine's tick arithmetic.
+    if number.adjusted() >= MAGNITUDE_LIMIT_EXPONENT:
         raise api_error(211 if name == "price" else 210)
     return number
 
