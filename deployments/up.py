@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from trading.config import ConfigError, Settings
+from trading.processes import stop_process
 from trading.redis_conn import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,16 +54,6 @@ def _drain(stream: IO[str]) -> None:
         pass
 
 
-def _stop(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def main() -> int:
     try:
         settings = Settings.from_env()
@@ -97,7 +88,7 @@ def main() -> int:
         return 0
     finally:
         if simulator is not None:
-            _stop(simulator)
+            stop_process(simulator, timeout_s=10)
         if redis_server is not None:
             redis_server.stop()
 

@@ -15,23 +15,16 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis
 
-from trading.redis_conn import EmbeddedRedis
+from trading.config import Settings
+from trading.redis_conn import redis_url
 
 _db_numbers = itertools.cycle(range(1, 16))
 
 
 @pytest.fixture(scope="session")
 def redis_server_url() -> Iterator[str]:
-    url = os.environ.get("REDIS_URL")
-    if url:
+    with redis_url(Settings.from_env({"REDIS_URL": os.environ.get("REDIS_URL", "")})) as url:
         yield url
-        return
-    server = EmbeddedRedis()
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import redis
 import redis.asyncio
 
 from trading.config import Settings
+from trading.processes import stop_process
 
 
 class RedisUnavailableError(RuntimeError):
@@ -89,13 +90,8 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            stop_process(process)
         if self._owned_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 

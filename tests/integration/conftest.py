@@ -14,9 +14,7 @@ process is stopped by PID (SIGTERM, then SIGKILL) in `finally`.
 from __future__ import annotations
 
 import json
-import os
 import queue
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from trading.processes import stop_process
 from trading.sim.config import DEFAULT_API_KEY, DEFAULT_API_SECRET
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +52,7 @@ class SimHandle:
 
     def stop(self) -> int:
         """SIGTERM (SIGKILL after 5 s); returns the exit code. Idempotent."""
-        return _stop(self.process)
+        return stop_process(self.process)
 
     def control(self, **changes: Any) -> dict[str, Any]:
         """POST /_sim/faults with `changes` (keys as in docs/simulator.md); returns the stats."""
@@ -135,22 +134,11 @@ def run_simulator(*extra_args: str, seed: int = 7, markets: str = DEFAULT_SIM_MA
             secret = _flag(extra_args, "--api-secret", DEFAULT_API_SECRET)
             yield SimHandle(urls["REST_URL"], urls["WS_URL"], urls["CONTROL_URL"], key, secret, process)
         finally:
-            _stop(process)
+            stop_process(process)
 
 
 def _flag(args: tuple[str, ...], name: str, default: str) -> str:
     return args[args.index(name) + 1] if name in args else default
-
-
-def _stop(process: subprocess.Popen[str]) -> int:
-    if process.poll() is None:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            return process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            return process.wait(timeout=5)
-    return process.returncode
 
 
 @pytest.fixture(scope="module")

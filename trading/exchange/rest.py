@@ -63,6 +63,12 @@ def _check_uuid(value: str) -> str:
         raise ValueError(f"clientOrderId must be a UUID, got {value!r}") from None
 
 
+def _order_fields(**fields: Decimal | str | bool | None) -> dict[str, Any]:
+    """Body fields that are set, decimals as Bitvavo's minimal strings."""
+    return {key: format_decimal(value) if isinstance(value, Decimal) else value
+            for key, value in fields.items() if value is not None}
+
+
 class _GovernedSdk(Bitvavo):  # type: ignore[misc]
     """The SDK with our transport (see module doc)."""
 
@@ -217,14 +223,8 @@ class BitvavoRest:
                     amount_quote: Decimal | None = None, price: Decimal | None = None,
                     time_in_force: str | None = None, post_only: bool | None = None,
                     client_order_id: str | None = None) -> Order:
-        body: dict[str, Any] = {}
-        for key, value in (("amount", amount), ("amountQuote", amount_quote), ("price", price)):
-            if value is not None:
-                body[key] = format_decimal(value)
-        if time_in_force is not None:
-            body["timeInForce"] = time_in_force
-        if post_only is not None:
-            body["postOnly"] = post_only
+        body = _order_fields(amount=amount, amountQuote=amount_quote, price=price, timeInForce=time_in_force,
+                             postOnly=post_only)
         body["clientOrderId"] = _check_uuid(client_order_id) if client_order_id else new_client_order_id()
         body["operatorId"] = self._operator()
         return Order.from_wire(self.sdk.placeOrder(market, side, order_type, body))
@@ -241,13 +241,8 @@ class BitvavoRest:
                      post_only: bool | None = None) -> Order:
         body: dict[str, Any] = {"market": market}
         body.update({"orderId": order_id} if order_id else {"clientOrderId": _check_uuid(client_order_id or "")})
-        for key, value in (("amount", amount), ("amountRemaining", amount_remaining), ("price", price)):
-            if value is not None:
-                body[key] = format_decimal(value)
-        if time_in_force is not None:
-            body["timeInForce"] = time_in_force
-        if post_only is not None:
-            body["postOnly"] = post_only
+        body.update(_order_fields(amount=amount, amountRemaining=amount_remaining, price=price,
+                                  timeInForce=time_in_force, postOnly=post_only))
         body["operatorId"] = self._operator()
         return Order.from_wire(self.request("PUT", "/order", body, private=True))
 
