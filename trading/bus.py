@@ -30,8 +30,8 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from trading.backoff import Backoff
 from trading.decimals import DecimalParseError, format_decimal, parse_decimal
-from trading.exchange.ws import Backoff
 from trading.redis_conn import async_client
 
 log = logging.getLogger(__name__)

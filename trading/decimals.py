@@ -51,12 +51,12 @@ def parse_positive(value: Any, field: str = "value") -> Decimal:
 
 def format_decimal(value: Decimal) -> str:
     """Minimal plain string as Bitvavo's REST API writes it: no exponent, no trailing zeros."""
-    if value == 0:
-        return "0"
-    text = format(value.normalize(), "f")
+    text = str(value)
+    if "E" in text:  # str() chose scientific notation (tiny or huge values): take the slow exact path
+        text = format(value, "f")
     if "." in text:
         text = text.rstrip("0").rstrip(".")
-    return text
+    return "0" if text in ("-0", "") else text
 
 
 def format_padded(value: Decimal, places: int) -> str:

@@ -6,6 +6,7 @@ from decimal import Decimal
 
 import pytest
 
+from trading.backoff import Backoff
 from trading.bus import (
     BOOK_SCHEMA,
     ORDERBOOK_UPDATE_SCHEMA,
@@ -15,7 +16,6 @@ from trading.bus import (
     StreamPublisher,
     decode_entry,
 )
-from trading.exchange.ws import Backoff
 from trading.redis_conn import EmbeddedRedis, sync_client
 
 pytestmark = pytest.mark.integration

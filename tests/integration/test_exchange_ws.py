@@ -13,11 +13,12 @@ import pytest
 from pydantic import SecretStr
 
 from tests.integration.conftest import SimHandle
+from trading.backoff import Backoff
 from trading.exchange.errors import AuthenticationError, InvalidRequestError, UnknownActionError
 from trading.exchange.governor import RateGovernor
 from trading.exchange.live_book import LiveBooks
 from trading.exchange.rest import BitvavoRest
-from trading.exchange.ws import Backoff, BitvavoWebSocket
+from trading.exchange.ws import BitvavoWebSocket
 
 MARKETS = ["BTC-EUR", "ETH-EUR", "XRP-EUR"]
 

@@ -53,3 +53,12 @@ def test_rounding_helpers() -> None:
     assert ceil_to(Decimal("6.8976") * (1 + Decimal("0.0025")), 2) == Decimal("6.92")
     assert decimal_places(Decimal("1.50")) == 1
     assert decimal_places(Decimal("100")) == 0
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    ("75516.00", "75516"), ("0.02448938", "0.02448938"), ("1E+3", "1000"), ("-0.0", "0"), ("0", "0"),
+    ("0E-8", "0"), ("1E-7", "0.0000001"), ("-12.5000", "-12.5"), ("100", "100"), ("1.23456789E+12", "1234567890000"),
+])
+def test_format_decimal_is_minimal_and_never_scientific(value: str, text: str) -> None:
+    assert format_decimal(Decimal(value)) == text
+    assert Decimal(format_decimal(Decimal(value))) == Decimal(value)

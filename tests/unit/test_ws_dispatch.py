@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
+from trading.backoff import Backoff
 from trading.exchange.errors import InvalidRequestError
-from trading.exchange.ws import Backoff, BitvavoWebSocket
+from trading.exchange.ws import BitvavoWebSocket
 
 
 def make_client() -> tuple[BitvavoWebSocket, list[dict[str, Any]], list[dict[str, Any]]]:

@@ -18,15 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
 from pydantic import SecretStr
 
+from trading.backoff import Backoff
 from trading.clock import now_ms
 from trading.exchange.errors import BitvavoError, error_from_payload
 from trading.exchange.governor import RateGovernor
@@ -50,24 +50,6 @@ class WsStats:
     error_frames: int = 0
     last_message_ms: int = 0
     last_error: str = ""
-
-
-@dataclass
-class Backoff:
-    """Capped exponential backoff with full jitter: sleep U(0, min(cap, base * 2**attempt))."""
-
-    base_s: float = 0.5
-    cap_s: float = 30.0
-    rng: random.Random = field(default_factory=random.Random)
-    attempt: int = 0
-
-    def next_delay(self) -> float:
-        delay = self.rng.uniform(0, min(self.cap_s, self.base_s * 2 ** self.attempt))
-        self.attempt = min(self.attempt + 1, 30)
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class WebSocketClosedError(ConnectionResetError):
