@@ -130,15 +130,19 @@ _PLAIN_TYPES = frozenset((str, int))  # exact types whose str() is already the c
 
 
 def _encoded_items(fields: Mapping[str, Any], v: int) -> Iterator[tuple[str, str]]:
-    if "v" in fields:
-        raise EntryEncodeError("field 'v' is set by encode_entry(v=...), not by the caller")
     if "ts" not in fields:
         raise EntryEncodeError("every entry carries 'ts' (exchange time, ms)")
+    # A row that carries its own `v` (the same dict feeds the lake and the stream) keeps it.
+    if "v" in fields:
+        if type(fields["v"]) is not int:
+            raise EntryEncodeError(f"field 'v' must be an integer schema version, got {fields['v']!r}")
+        head: tuple[tuple[str, str], ...] = ()
+    else:
+        head = (("v", str(v)),)
     values = fields.values()
     if _PLAIN_TYPES.issuperset(map(type, values)):  # the common case, converted in C
-        return chain((("v", str(v)),), zip(fields, map(str, values), strict=True))
-    return chain((("v", str(v)),), ((key, _encode_value(key, value))
-                                    for key, value in fields.items() if value is not None))
+        return chain(head, zip(fields, map(str, values), strict=True))
+    return chain(head, ((key, _encode_value(key, value)) for key, value in fields.items() if value is not None))
 
 
 def encode_entry(fields: Mapping[str, Any], *, v: int = SCHEMA_VERSION) -> dict[str, str]:

@@ -119,3 +119,8 @@ def test_decode_refuses_missing_envelope_and_newer_versions() -> None:
 def test_bad_json_field_is_reported() -> None:
     with pytest.raises(EntryDecodeError, match="bids"):
         decode_entry({"v": "1", "ts": "1", "bids": "[[1,"}, ORDERBOOK_UPDATE_SCHEMA)
+
+
+def test_a_row_carrying_its_own_schema_version_keeps_it() -> None:
+    # One dict feeds the lake and the stream: its `v` wins over the default.
+    assert encode_entry({"v": 3, "ts": 1, "market": "BTC-EUR"}) == {"v": "3", "ts": "1", "market": "BTC-EUR"}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,7 @@ class WsStats:
     malformed_frames: int = 0
     error_frames: int = 0
     last_message_ms: int = 0
+    disconnected_at_ms: int = 0  # when the previous connection ended (0 before the first drop)
     last_error: str = ""
 
 
@@ -94,13 +95,14 @@ class BitvavoWebSocket:
     async def wait_connected(self, timeout_s: float | None = None) -> None:
         await asyncio.wait_for(self._connected.wait(), timeout_s)
 
-    async def subscribe(self, name: str, markets: list[str] | set[str], interval: str | None = None) -> None:
-        new = set(markets) - self.subscriptions.get((name, interval), set())
-        self.subscriptions.setdefault((name, interval), set()).update(markets)
+    async def subscribe(self, name: str, markets: Iterable[str], interval: str | None = None) -> None:
+        wanted = set(markets)
+        new = wanted - self.subscriptions.get((name, interval), set())
+        self.subscriptions.setdefault((name, interval), set()).update(wanted)
         if new and self.connected:
             await self._send_subscription("subscribe", {(name, interval): new})
 
-    async def unsubscribe(self, name: str, markets: list[str] | set[str], interval: str | None = None) -> None:
+    async def unsubscribe(self, name: str, markets: Iterable[str], interval: str | None = None) -> None:
         current = self.subscriptions.get((name, interval), set())
         gone = current & set(markets)
         current -= gone
@@ -177,6 +179,8 @@ class BitvavoWebSocket:
         await reader
 
     def _on_disconnected(self) -> None:
+        if self._ws is not None:
+            self.stats.disconnected_at_ms = now_ms()
         self._connected.clear()
         self.authenticated = False
         self._ws = None

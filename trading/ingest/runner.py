@@ -1,0 +1,204 @@
+"""The loop every ingest channel shares: lease, socket, universe, batching into lake then Redis.
+
+A channel is an `IngestHandler` (ticker24h, order book, candles). `run_ingest` owns everything
+around it:
+- a Redis lease (`lease:ingest:<name>`) so two instances never ingest the same channel;
+- the market selection and a universe watcher that subscribes/unsubscribes without a restart;
+- one `BitvavoWebSocket` whose events go straight to the handler (the hot path: no Prefect,
+  no logging per message);
+- an `IngestSink` flushed every `flush_interval_s`: the lake first (a disk error stops the loop
+  loudly), then the Redis streams (a Redis outage is counted and survived: the lake has it);
+- the `ingest_*` metrics endpoint on 127.0.0.1;
+- an optional `duration_s` after which it stops cleanly (tests, demos, bounded segments).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from trading.bus import StreamPublisher
+from trading.clock import now_ms
+from trading.config import Settings
+from trading.exchange.governor import RateGovernor, shared_governor
+from trading.exchange.ws import BitvavoWebSocket
+from trading.gaps import GapKind, GapLedger, GapRecord
+from trading.ingest.markets import UniverseWatcher, select_markets
+from trading.lake import LakeWriter
+from trading.lease import RedisLease
+from trading.metrics import IngestMetrics
+from trading.redis_conn import async_client
+
+log = logging.getLogger(__name__)
+
+
+class IngestSink:
+    """Rows buffered per lake channel (and stream); `flush()` writes the lake, then Redis."""
+
+    def __init__(self, lake_root: Path, publisher: StreamPublisher, *, fsync: bool = False) -> None:
+        self._lake_root = lake_root
+        self._publisher = publisher
+        self._fsync = fsync
+        self._writers: dict[str, LakeWriter] = {}
+        self._rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self._entries: list[tuple[str, dict[str, Any]]] = []
+        self.rows_written = 0
+
+    def emit(self, lake_channel: str, row: dict[str, Any], stream: str | None = None) -> None:
+        self._rows[lake_channel].append(row)
+        if stream is not None:
+            self._entries.append((stream, row))
+
+    async def flush(self) -> None:
+        rows, self._rows = self._rows, defaultdict(list)
+        entries, self._entries = self._entries, []
+        for channel, batch in rows.items():
+            writer = self._writers.get(channel)
+            if writer is None:
+                writer = self._writers[channel] = LakeWriter(self._lake_root, channel, fsync=self._fsync)
+            self.rows_written += writer.write_batch(batch)
+        publish = self._publisher.publish
+        for stream, row in entries:
+            await publish(stream, row)
+        await self._publisher.flush()
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+
+
+@dataclass
+class IngestContext:
+    """What a handler may use; given to it once the loop is set up."""
+
+    settings: Settings
+    ws: BitvavoWebSocket
+    sink: IngestSink
+    ledger: GapLedger
+    metrics: IngestMetrics
+    governor: RateGovernor
+
+
+class IngestHandler(Protocol):
+    name: str  # lease, metrics and log name: "ticker24h", "orderbook", "candles"
+
+    def attach(self, context: IngestContext) -> None: ...
+
+    async def set_markets(self, added: tuple[str, ...], removed: tuple[str, ...]) -> None:
+        """Subscribe `added`, unsubscribe `removed` (the socket may not be connected yet)."""
+
+    def on_event(self, frame: dict[str, Any]) -> None:
+        """One stream event from the socket (hot path)."""
+
+    async def on_connect(self) -> None:
+        """The socket (re)connected, before it resubscribes: reset state, record the outage."""
+
+    async def tick(self) -> None:
+        """Called after every flush: periodic work (snapshots, backfills)."""
+
+    def summary(self) -> Mapping[str, Any]: ...
+
+
+@dataclass
+class IngestSummary:
+    name: str
+    markets: tuple[str, ...]
+    market_source: str
+    rows_written: int
+    stream_entries: int
+    stream_batches_failed: int
+    reconnects: int
+    fencing_token: int
+    handler: dict[str, Any] = field(default_factory=dict)
+
+
+def record_reconnect_window(ws: BitvavoWebSocket, ledger: GapLedger, metrics: IngestMetrics, channel: str,
+                            markets: tuple[str, ...]) -> None:
+    """After a reconnect, the time the socket was down is a known hole in every market's data."""
+    down_since = ws.stats.disconnected_at_ms
+    if not down_since:
+        return
+    ledger.record(GapRecord(GapKind.RECONNECT, channel, down_since, now_ms(), market=None,
+                            detail={"reason": ws.stats.last_error, "markets": list(markets)}))
+    metrics.reconnects(channel).inc()
+    for market in markets:
+        metrics.gaps(channel, market, "reconnect").inc()
+
+
+async def run_ingest(handler: IngestHandler, settings: Settings, *, redis_url: str, duration_s: float | None = None,
+                     metrics_port: int = 0, lease_wait_s: float = 0.0, universe_poll_s: float = 10.0,
+                     flush_interval_s: float = 0.05, ws_silence_timeout_s: float = 30.0) -> IngestSummary:
+    client = async_client(redis_url)
+    lease = RedisLease(client, f"ingest:{handler.name}")
+    try:
+        held = await lease.acquire(wait_s=lease_wait_s)
+        log.info("ingest %s: lease acquired (fencing token %d)", handler.name, held.fencing_token)
+        selection = await select_markets(settings, client)
+        metrics = IngestMetrics()
+        endpoint = metrics.endpoint(settings.metrics_host, metrics_port).start()
+        publisher = StreamPublisher(redis_url, maxlen=settings.stream_maxlen)
+        sink = IngestSink(settings.parquet_dir, publisher)
+        ledger = GapLedger(settings.parquet_dir)
+        governor = shared_governor("ip:" + settings.bitvavo_rest_url)
+        ws = BitvavoWebSocket(settings.bitvavo_ws_url, on_event=handler.on_event, on_connect=handler.on_connect,
+                              governor=governor, silence_timeout_s=ws_silence_timeout_s,
+                              on_error_frame=lambda frame: log.warning("ingest %s: error frame %s", handler.name,
+                                                                       frame))
+        handler.attach(IngestContext(settings, ws, sink, ledger, metrics, governor))
+        await handler.set_markets(selection.markets, ())
+        watcher = UniverseWatcher(settings, client, selection)
+        log.info("ingest %s: %d markets from %s; metrics on %s", handler.name, len(selection.markets),
+                 selection.source, endpoint.url)
+
+        async def flush_forever() -> None:
+            while True:
+                await asyncio.sleep(flush_interval_s)
+                await sink.flush()
+                metrics.redis_up.set(1 if publisher.redis_up else 0)
+                metrics.rate_limit_remaining.set(governor.state().remaining)
+                await handler.tick()
+
+        async def follow_universe() -> None:
+            while True:
+                await asyncio.sleep(universe_poll_s)
+                change = await watcher.poll()
+                if change:
+                    log.info("ingest %s: universe change +%s -%s", handler.name, list(change.added),
+                             list(change.removed))
+                    await handler.set_markets(change.added, change.removed)
+
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(duration_s), asyncio.TaskGroup() as tasks:
+                    tasks.create_task(ws.run())
+                    tasks.create_task(lease.keep_renewed())
+                    tasks.create_task(flush_forever())
+                    tasks.create_task(follow_universe())
+        except BaseExceptionGroup as group:
+            # One failure (disk full, lost lease) is the story; unwrap it for a clear error.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        finally:
+            await ws.close()
+            try:
+                await sink.flush()
+            finally:
+                sink.close()
+                ledger.close()
+                await publisher.aclose()
+                endpoint.stop()
+        return IngestSummary(handler.name, watcher.current.markets, watcher.current.source, sink.rows_written,
+                             publisher.stats.entries_written, publisher.stats.batches_failed, ws.stats.reconnects,
+                             held.fencing_token, dict(handler.summary()))
+    finally:
+        with contextlib.suppress(Exception):
+            await lease.release()
+        await client.aclose()
