@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from pydantic import SecretStr
 
@@ -109,9 +109,18 @@ def _secret(raw: str) -> SecretStr:
     return SecretStr(raw.strip())
 
 
+def mask_url_password(url: str) -> str:
+    """redis://user:secret@host/0 -> redis://user:*****@host/0 (logs, artifacts, errors)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":*****@", 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)  # may embed a password
     parquet_dir: Path = Path("var/lake")
     ingest_markets: tuple[str, ...] | None = None
     dry_run: bool = True
@@ -144,7 +153,12 @@ class Settings:
         out: dict[str, str] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = "**********" if isinstance(value, SecretStr) else str(value)
+            if isinstance(value, SecretStr):
+                out[f.name] = "**********"
+            elif f.name == "redis_url" and value is not None:
+                out[f.name] = mask_url_password(value)
+            else:
+                out[f.name] = str(value)
         return out
 
     @classmethod
@@ -207,4 +221,6 @@ def _host(raw: str) -> str:
 
 
 def _shown(var: str, raw: str) -> str:
-    return "**********" if var in ("BITVAVO_API_KEY", "BITVAVO_API_SECRET") else raw
+    if var in ("BITVAVO_API_KEY", "BITVAVO_API_SECRET"):
+        return "**********"
+    return mask_url_password(raw) if var == "REDIS_URL" else raw

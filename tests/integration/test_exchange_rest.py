@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
@@ -101,12 +103,37 @@ def test_uncertain_order_submit_is_not_resent_and_is_found_by_client_order_id(si
     found = rest.get_order("ETH-EUR", client_order_id=order_id)
     assert found.status == "new"
     assert [o.client_order_id for o in rest.open_orders("ETH-EUR")].count(order_id) == 1
-    sim.fail_next(1, error_code=101, execute=True)     # 5xx after the order was accepted
-    second = str(uuid.uuid4())
-    with pytest.raises(OutcomeUncertainError):
-        rest.place_order("ETH-EUR", "buy", "limit", amount=Decimal("0.01"), price=price, client_order_id=second)
+    sim.fail_next(1, error_code=101, execute=True)     # 5xx after the order was accepted; the id is ours
+    with pytest.raises(OutcomeUncertainError) as uncertain:
+        rest.place_order("ETH-EUR", "buy", "limit", amount=Decimal("0.01"), price=price)
+    second = uncertain.value.client_order_id
+    assert second is not None and uncertain.value.market == "ETH-EUR"
     assert [o.client_order_id for o in rest.open_orders("ETH-EUR")].count(second) == 1
     rest.cancel_orders("ETH-EUR")
+
+
+def test_a_reply_cut_off_mid_body_is_an_uncertain_outcome() -> None:
+    # A server that starts a 200 reply and hangs up halfway: the order may exist.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve_once() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+                               b'{"orderId":"')
+    server = threading.Thread(target=serve_once, daemon=True)
+    server.start()
+    try:
+        rest = BitvavoRest(f"http://127.0.0.1:{port}/v2", api_key=SecretStr("k" * 64), api_secret=SecretStr("s"),
+                           operator_id=1, governor=RateGovernor(), timeout_s=5)
+        with pytest.raises(OutcomeUncertainError) as info:
+            rest.place_order("BTC-EUR", "buy", "market", amount=Decimal("0.001"))
+        assert info.value.client_order_id is not None and uuid.UUID(info.value.client_order_id)
+    finally:
+        server.join(timeout=5)
+        listener.close()
 
 
 def test_governor_follows_the_server_headers(sim: SimHandle) -> None:

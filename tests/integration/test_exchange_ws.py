@@ -57,7 +57,7 @@ async def test_local_books_equal_rest_after_10k_updates_with_gaps_and_a_drop(
         if frame["event"] == "book":
             books.on_book_event(frame)
 
-    ws = BitvavoWebSocket(sim.ws_url, on_event=on_event, on_connect=books.reset_all, backoff=fast_backoff(),
+    ws = BitvavoWebSocket(sim.ws_url, on_event=on_event, on_disconnect=books.reset_all, backoff=fast_backoff(),
                           governor=RateGovernor())
     books.attach(ws)
     await ws.subscribe("book", MARKETS)
@@ -113,7 +113,9 @@ async def test_reconnect_resubscribes_exactly_the_same_channels(sim: SimHandle) 
 
 
 async def test_a_silent_connection_is_detected_and_replaced(sim: SimHandle) -> None:
-    ws = BitvavoWebSocket(sim.ws_url, on_event=lambda f: None, silence_timeout_s=1.0, backoff=fast_backoff())
+    # Pings answered every 0.3 s must not hide that no data arrives.
+    ws = BitvavoWebSocket(sim.ws_url, on_event=lambda f: None, silence_timeout_s=1.0, heartbeat_s=0.3,
+                          backoff=fast_backoff())
     await ws.subscribe("book", ["BTC-EUR"])
     async with running(ws):
         await eventually(lambda: ws.connected, what="connect")
@@ -157,8 +159,8 @@ async def test_authenticated_socket_receives_account_events(sim: SimHandle) -> N
         await asyncio.to_thread(rest.place_order, "BTC-EUR", "buy", "market", amount_quote=Decimal("20"),
                                 client_order_id=client_id)
         await eventually(lambda: any(e["event"] == "fill" for e in events), what="fill event")
-        orders = [e for e in events if e["event"] == "order"]
-        assert orders and orders[-1]["clientOrderId"] == client_id
+        await eventually(lambda: any(e["event"] == "order" and e.get("clientOrderId") == client_id
+                                     for e in events), what="order event with our clientOrderId")
 
 
 async def test_wrong_credentials_fail_authentication_and_keep_retrying(sim: SimHandle) -> None:
@@ -168,3 +170,18 @@ async def test_wrong_credentials_fail_authentication_and_keep_retrying(sim: SimH
         await eventually(lambda: ws.stats.connects >= 2, what="retries")
         assert not ws.authenticated and not ws.connected
         assert f"{AuthenticationError.__name__}: [309]" in ws.stats.last_error
+
+
+async def test_books_stop_being_live_when_the_exchange_goes_away(sim_factory: Callable[..., SimHandle]) -> None:
+    sim = sim_factory(markets="BTC-EUR", book_rate=50)
+    books = LiveBooks(["BTC-EUR"])
+    ws = BitvavoWebSocket(sim.ws_url, on_event=books.on_book_event, on_disconnect=books.reset_all,
+                          backoff=fast_backoff())
+    books.attach(ws)
+    await ws.subscribe("book", ["BTC-EUR"])
+    async with running(ws):
+        await eventually(lambda: books.syncs["BTC-EUR"].is_live, what="live book")
+        sim.stop()
+        await eventually(lambda: not books.syncs["BTC-EUR"].is_live, timeout_s=5, what="book invalidated")
+        await asyncio.sleep(1.0)
+        assert not books.syncs["BTC-EUR"].is_live and not ws.connected

@@ -85,3 +85,13 @@ def test_cli_check_config_fails_with_the_variable_named(capsys: pytest.CaptureFi
     monkeypatch.setenv("DRY_RUN", "true")
     assert main(["check-config"]) == 0
     assert '"dry_run": "True"' in capsys.readouterr().out
+
+
+def test_redis_password_is_masked_everywhere() -> None:
+    settings = Settings.from_env({"REDIS_URL": "redis://:s3cr3t@redis.internal:6379/0"})
+    assert settings.redis_url == "redis://:s3cr3t@redis.internal:6379/0"
+    assert "s3cr3t" not in repr(settings) and "s3cr3t" not in str(settings.describe())
+    assert settings.describe()["redis_url"] == "redis://:*****@redis.internal:6379/0"
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"REDIS_URL": "http://:s3cr3t@redis.internal"})
+    assert "s3cr3t" not in str(info.value)

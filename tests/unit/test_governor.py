@@ -53,3 +53,14 @@ def test_acquire_refuses_to_wait_longer_than_allowed() -> None:
     governor.acquire(10)
     with pytest.raises(RateBudgetExhaustedError):
         governor.acquire(1)
+
+
+def test_headers_from_the_previous_minute_do_not_charge_the_new_one() -> None:
+    clock = Clock(119_990)
+    governor = RateGovernor(1000, critical_headroom=0, clock_ms=clock)
+    governor.try_reserve(1)
+    clock.now = 120_010                                  # the reply arrives after the minute turned
+    governor.observe_headers(remaining=40, reset_at_ms=120_000)
+    assert governor.state().used == 0
+    governor.observe_headers(remaining=990, reset_at_ms=180_000)
+    assert governor.state().used == 10

@@ -8,6 +8,7 @@ import pytest
 
 from trading.backoff import Backoff
 from trading.exchange.errors import InvalidRequestError
+from trading.exchange.governor import RateGovernor
 from trading.exchange.ws import BitvavoWebSocket
 
 
@@ -57,3 +58,25 @@ def test_backoff_is_capped_jittered_and_resets() -> None:
     assert max(delays[:2]) <= 1.0 and len(set(delays)) == len(delays)
     backoff.reset()
     assert backoff.next_delay() <= 0.5
+
+
+def test_a_failing_event_handler_is_counted_and_reading_goes_on() -> None:
+    seen: list[int] = []
+
+    def handler(frame: dict[str, Any]) -> None:
+        if frame["nonce"] == 1:
+            raise RuntimeError("consumer bug")
+        seen.append(frame["nonce"])
+
+    client = BitvavoWebSocket("ws://127.0.0.1:1/v2/", on_event=handler)
+    for nonce in (1, 2):
+        client._dispatch(f'{{"event":"book","market":"BTC-EUR","nonce":{nonce},"bids":[],"asks":[]}}'.encode())
+    assert client.stats.handler_errors == 1 and seen == [2]
+
+
+def test_a_websocket_ban_reaches_the_rate_governor() -> None:
+    governor = RateGovernor()
+    client = BitvavoWebSocket("ws://127.0.0.1:1/v2/", on_event=lambda f: None, governor=governor)
+    client._dispatch(b'{"action":"getBook","errorCode":105,"error":"Your IP or API key has been banned for not '
+                     b'respecting the rate limit. The ban expires at 4102444800000."}')
+    assert governor.state().banned_until_ms == 4102444800000

@@ -85,8 +85,11 @@ class BitvavoError(Exception):
 class OutcomeUncertainError(BitvavoError):
     """The exchange may or may not have executed the request (101, 109, 5xx, timeouts).
 
-    Never resend an order on this error: look it up by clientOrderId first.
+    Never resend an order on this error: look it up by `client_order_id` (set on order calls).
     """
+
+    client_order_id: str | None = None
+    market: str | None = None
 
 
 class ExchangeUnavailableError(BitvavoError):

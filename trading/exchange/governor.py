@@ -101,7 +101,9 @@ class RateGovernor:
         with self._lock:
             now = self._clock_ms()
             self._roll(now)
-            if reset_at_ms is not None and reset_at_ms > now:
+            if reset_at_ms is not None:
+                if reset_at_ms <= now:
+                    return  # a reply from a minute that has ended: its count is not this minute's
                 self._window_end_ms = reset_at_ms
             if remaining is not None:
                 self._used = max(self._used, self.limit - remaining)

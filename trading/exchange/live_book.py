@@ -3,8 +3,9 @@
 Book events are fed in by `on_book_event` (called from the socket's event handler). The first
 event buffered while a market has no valid book triggers a `getBook` snapshot over the same
 socket; `BookSync` replays the buffer and declares gaps. Every gap is reported to `on_gap`
-and healed by a new snapshot; a reconnect resets all books (`reset_all`, wired as the socket's
-`on_connect` hook) because events were missed while it was down.
+and healed by a new snapshot. A dropped socket invalidates every book at once (`reset_all`,
+wired as the socket's `on_disconnect` hook): nobody may read a frozen book as live while the
+exchange is unreachable.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from trading.book import BookSync, Gap, UpdateOutcome
-from trading.exchange.errors import BitvavoError
+from trading.backoff import Backoff
+from trading.book import BookBufferOverflowError, BookSync, Gap, UpdateOutcome
+from trading.clock import now_ms
+from trading.exchange.errors import BitvavoError, RateLimitBannedError
 from trading.exchange.models import BookSnapshot, PayloadError
 from trading.exchange.ws import BitvavoWebSocket
 
@@ -80,6 +83,12 @@ class LiveBooks:
             log.warning("rejected book event on %s (book resyncs): %s", sync.market, exc)
             self._ensure_snapshot(sync.market)
             return
+        except BookBufferOverflowError as exc:
+            # No snapshot could be had for a long time: start buffering afresh, keep trying.
+            log.error("%s", exc)
+            sync.reset()
+            self._ensure_snapshot(sync.market)
+            return
         if outcome is UpdateOutcome.APPLIED:
             self.stats.applied += 1
             if self._on_applied is not None:
@@ -97,19 +106,30 @@ class LiveBooks:
             return
         self._fetching[market] = asyncio.get_running_loop().create_task(self._fetch_snapshot(market))
 
-    async def _fetch_snapshot(self, market: str, max_attempts: int = 5) -> None:
+    async def _fetch_snapshot(self, market: str) -> None:
+        """Fetch snapshots until the market's book is live (or the market is dropped).
+
+        Failures back off with jitter; a rate-limit ban waits for its end rather than asking again.
+        """
         assert self._ws is not None
+        backoff = Backoff(base_s=0.25, cap_s=10.0)
         try:
-            for _attempt in range(max_attempts):
+            while True:
                 sync = self.syncs.get(market)
-                if sync is None:
+                if sync is None or sync.is_live:
                     return
                 try:
                     snapshot = BookSnapshot.from_wire(await self._ws.request("getBook", market=market))
+                except RateLimitBannedError as exc:
+                    self.stats.snapshot_failures += 1
+                    wait_s = max((exc.banned_until_ms or 0) - now_ms(), 1000) / 1000
+                    log.error("getBook %s: rate-limit ban, next try in %.0fs", market, wait_s)
+                    await asyncio.sleep(wait_s)
+                    continue
                 except (TimeoutError, BitvavoError, PayloadError, ConnectionError) as exc:
                     self.stats.snapshot_failures += 1
                     log.warning("getBook %s failed: %s", market, exc)
-                    await asyncio.sleep(0.5)
+                    await asyncio.sleep(backoff.next_delay())
                     continue
                 self.stats.snapshots += 1
                 if sync.on_snapshot(snapshot):
@@ -117,6 +137,6 @@ class LiveBooks:
                         self._on_snapshot(sync, snapshot)
                     return
                 self.stats.stale_snapshots += 1
-            log.error("book %s: no usable snapshot after %d attempts", market, max_attempts)
         finally:
-            self._fetching.pop(market, None)
+            if self._fetching.get(market) is asyncio.current_task():
+                del self._fetching[market]

@@ -19,7 +19,8 @@ import hashlib
 import random
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlsplit
@@ -38,7 +39,7 @@ from trading.exchange.errors import (
     error_from_payload,
 )
 from trading.exchange.governor import RateGovernor, shared_governor
-from trading.exchange.models import BookSnapshot, Candle, Order
+from trading.exchange.models import BookSnapshot, Candle, Order, PayloadError
 from trading.exchange.signing import compact_body, signature
 from trading.exchange.weights import rest_template, rest_weight
 
@@ -61,6 +62,21 @@ def _check_uuid(value: str) -> str:
         return str(uuid.UUID(value))
     except ValueError:
         raise ValueError(f"clientOrderId must be a UUID, got {value!r}") from None
+
+
+@contextmanager
+def _uncertain_about(market: str, client_order_id: str) -> Iterator[None]:
+    """Tag an uncertain outcome with the order's identity, so the caller can look it up."""
+    try:
+        yield
+    except OutcomeUncertainError as exc:
+        exc.market, exc.client_order_id = market, client_order_id
+        raise
+    except PayloadError as exc:
+        # The exchange answered 2xx but with a reply we cannot read: the order may well exist.
+        error = OutcomeUncertainError(101, f"order reply did not parse: {exc}")
+        error.market, error.client_order_id = market, client_order_id
+        raise error from exc
 
 
 def _order_fields(**fields: Decimal | str | bool | None) -> dict[str, Any]:
@@ -151,8 +167,9 @@ class BitvavoRest:
                                              headers=headers, timeout=self.timeout_s)
         except requests.Timeout:
             raise OutcomeUncertainError(109, f"{method} {path_with_query} timed out after {self.timeout_s}s") from None
-        except requests.ConnectionError as exc:
-            raise OutcomeUncertainError(101, f"{method} {path_with_query}: connection failed: {exc}") from None
+        except requests.RequestException as exc:
+            # Connection refused or reset, a reply cut off mid-body...: the request may have been executed.
+            raise OutcomeUncertainError(101, f"{method} {path_with_query}: {type(exc).__name__}: {exc}") from None
         self.governor.observe_headers(_header_int(response.headers, "bitvavo-ratelimit-remaining"),
                                       _header_int(response.headers, "bitvavo-ratelimit-resetat"))
         try:
@@ -164,9 +181,9 @@ class BitvavoRest:
             if isinstance(error, RateLimitBannedError):
                 self.governor.observe_ban(error.banned_until_ms)
             raise error
-        if response.status_code >= 500:
-            raise OutcomeUncertainError(101, f"HTTP {response.status_code} from {method} {path_with_query}",
-                                        response.status_code)
+        if response.status_code >= 500 or (data is None and method != "GET" and response.status_code < 400):
+            raise OutcomeUncertainError(101, f"HTTP {response.status_code} from {method} {path_with_query}"
+                                        + ("" if data is not None else " with a non-JSON body"), response.status_code)
         if data is None or response.status_code >= 400:
             raise BitvavoError(110, f"HTTP {response.status_code} non-JSON reply from {method} {path_with_query}",
                                response.status_code)
@@ -225,9 +242,11 @@ class BitvavoRest:
                     client_order_id: str | None = None) -> Order:
         body = _order_fields(amount=amount, amountQuote=amount_quote, price=price, timeInForce=time_in_force,
                              postOnly=post_only)
-        body["clientOrderId"] = _check_uuid(client_order_id) if client_order_id else new_client_order_id()
+        order_id = _check_uuid(client_order_id) if client_order_id else new_client_order_id()
+        body["clientOrderId"] = order_id
         body["operatorId"] = self._operator()
-        return Order.from_wire(self.sdk.placeOrder(market, side, order_type, body))
+        with _uncertain_about(market, order_id):
+            return Order.from_wire(self.sdk.placeOrder(market, side, order_type, body))
 
     def get_order(self, market: str, *, order_id: str | None = None, client_order_id: str | None = None) -> Order:
         # The SDK's getOrder has no clientOrderId; the lookup after an uncertain submit needs it.

@@ -28,7 +28,7 @@ from pydantic import SecretStr
 
 from trading.backoff import Backoff
 from trading.clock import now_ms
-from trading.exchange.errors import BitvavoError, error_from_payload
+from trading.exchange.errors import BitvavoError, OutcomeUncertainError, RateLimitBannedError, error_from_payload
 from trading.exchange.governor import RateGovernor
 from trading.exchange.signing import websocket_signature
 from trading.exchange.weights import ws_action_weight
@@ -36,6 +36,13 @@ from trading.exchange.weights import ws_action_weight
 log = logging.getLogger(__name__)
 
 Channel = tuple[str, str | None]  # (name, interval) — interval only for candles
+DisconnectHook = Callable[[], None]
+
+# Actions whose effect is not safe to assume either way when the reply is lost.
+_UNSAFE_ACTIONS = frozenset({"privateCreateOrder", "privateUpdateOrder", "privateCancelOrder",
+                             "privateCancelOrders", "privateCancelOrdersAfter"})
+# A socket carrying only these channels may be silent for long and still be healthy.
+_QUIET_CHANNELS = frozenset({"account"})
 EventHandler = Callable[[dict[str, Any]], None]
 ConnectHook = Callable[[], Awaitable[None] | None]
 
@@ -48,6 +55,7 @@ class WsStats:
     messages: int = 0
     malformed_frames: int = 0
     error_frames: int = 0
+    handler_errors: int = 0
     last_message_ms: int = 0
     disconnected_at_ms: int = 0  # when the previous connection ended (0 before the first drop)
     last_error: str = ""
@@ -61,12 +69,14 @@ class BitvavoWebSocket:
     def __init__(self, url: str, *, on_event: EventHandler, api_key: SecretStr | None = None,
                  api_secret: SecretStr | None = None, governor: RateGovernor | None = None,
                  on_error_frame: EventHandler | None = None, on_connect: ConnectHook | None = None,
-                 backoff: Backoff | None = None, silence_timeout_s: float = 30.0, heartbeat_s: float = 20.0,
-                 request_timeout_s: float = 10.0, access_window_ms: int = 10_000) -> None:
+                 on_disconnect: DisconnectHook | None = None, backoff: Backoff | None = None,
+                 silence_timeout_s: float = 30.0, heartbeat_s: float = 20.0, request_timeout_s: float = 10.0,
+                 access_window_ms: int = 10_000, clock_offset_ms: int = 0) -> None:
         self.url = url
         self._on_event = on_event
         self._on_error_frame = on_error_frame
         self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
         self._api_key = api_key
         self._api_secret = api_secret
         self._governor = governor
@@ -75,6 +85,7 @@ class BitvavoWebSocket:
         self.heartbeat_s = heartbeat_s
         self.request_timeout_s = request_timeout_s
         self.access_window_ms = access_window_ms
+        self.clock_offset_ms = clock_offset_ms  # exchange clock minus ours, as BitvavoRest.sync_clock measures
         self.stats = WsStats()
         self.subscriptions: dict[Channel, set[str]] = {}
         self.acked_subscriptions: dict[str, Any] = {}
@@ -112,16 +123,29 @@ class BitvavoWebSocket:
             await self._send_subscription("unsubscribe", {(name, interval): gone})
 
     async def request(self, action: str, **params: Any) -> Any:
-        if not self.connected:
+        """Send `action` and return its reply's `response`.
+
+        `WebSocketClosedError` means the request was NOT sent. For an order action that was sent
+        but whose reply was lost (socket dropped, timeout), `OutcomeUncertainError` is raised:
+        look the order up before acting again.
+        """
+        connection = self._ws
+        if connection is None or connection.closed or not self.connected:
             raise WebSocketClosedError(f"{action}: not connected")
         request_id = self._next_request_id
         self._next_request_id += 1
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
+        sent = False
         try:
             await self._send({"action": action, "requestId": request_id, **params},
-                             weight=ws_action_weight(action, params))
+                             weight=ws_action_weight(action, params), connection=connection)
+            sent = True
             return await asyncio.wait_for(future, self.request_timeout_s)
+        except (TimeoutError, WebSocketClosedError) as exc:
+            if sent and action in _UNSAFE_ACTIONS:
+                raise OutcomeUncertainError(109, f"{action} was sent but its reply was lost: {exc!r}") from exc
+            raise
         finally:
             self._pending.pop(request_id, None)
 
@@ -159,7 +183,9 @@ class BitvavoWebSocket:
                                             max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
         self.stats.connects += 1
         self.stats.last_message_ms = now_ms()
-        reader = asyncio.create_task(self._read_loop(self._ws))
+        connection = self._ws
+        reader = asyncio.create_task(self._read_loop(connection))
+        watchdog = asyncio.create_task(self._watch_silence(connection))
         try:
             if self._api_key is not None and self._api_secret is not None:
                 await self._authenticate()
@@ -167,20 +193,25 @@ class BitvavoWebSocket:
                 result = self._on_connect()
                 if result is not None:
                     await result
-            if self.subscriptions:
-                await self._send_subscription("subscribe", self.subscriptions)
+            sent = {channel: set(markets) for channel, markets in self.subscriptions.items()}
+            if sent:
+                await self._send_subscription("subscribe", sent, connection=connection)
             self._connected.set()
+            # subscribe()/unsubscribe() calls made while we were connecting only changed the wish list.
+            await self._send_difference(sent, connection)
             log.info("websocket connected to %s (%d channel groups)", self.url, len(self.subscriptions))
-        except BaseException:
-            reader.cancel()
+            await reader
+        finally:
+            for task in (reader, watchdog):
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
-            raise
-        await reader
+                await asyncio.gather(reader, watchdog)
 
     def _on_disconnected(self) -> None:
         if self._ws is not None:
             self.stats.disconnected_at_ms = now_ms()
+            if self._on_disconnect is not None:
+                self._on_disconnect()
         self._connected.clear()
         self.authenticated = False
         self._ws = None
@@ -191,17 +222,26 @@ class BitvavoWebSocket:
         if self._auth_future is not None and not self._auth_future.done():
             self._auth_future.set_exception(WebSocketClosedError("websocket closed during authenticate"))
 
-    async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        started = asyncio.get_running_loop().time()
-        while True:
-            timeout = self.silence_timeout_s if self.subscriptions else None
-            try:
-                message = await ws.receive(timeout=timeout)
-            except TimeoutError:
+    async def _watch_silence(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Close a socket whose market-data subscriptions deliver nothing for `silence_timeout_s`.
+
+        Not the receive timeout: aiohttp restarts that on every PONG, so a server that answers
+        pings but stopped sending data would never count as silent.
+        """
+        limit_ms = self.silence_timeout_s * 1000
+        while not ws.closed:
+            await asyncio.sleep(min(1.0, self.silence_timeout_s / 4))
+            expects_traffic = any(name not in _QUIET_CHANNELS for name, _ in self.subscriptions)
+            if expects_traffic and now_ms() - self.stats.last_message_ms > limit_ms:
                 self.stats.silent_disconnects += 1
                 self.stats.last_error = f"no message for {self.silence_timeout_s}s"
                 await ws.close()
                 return
+
+    async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        started = asyncio.get_running_loop().time()
+        while True:
+            message = await ws.receive()
             if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                 self._dispatch(message.data)
                 # A connection that stayed up a while earns a fresh backoff.
@@ -229,13 +269,21 @@ class BitvavoWebSocket:
             elif event == "authenticate":
                 self._resolve_auth(frame)
             else:
-                self._on_event(frame)
+                try:
+                    self._on_event(frame)
+                except Exception:
+                    # A consumer bug must not take market data down with it: count, log, read on.
+                    self.stats.handler_errors += 1
+                    if self.stats.handler_errors == 1 or self.stats.handler_errors % 1000 == 0:
+                        log.exception("websocket event handler failed (%d so far)", self.stats.handler_errors)
             return
         request_id = frame.get("requestId")
         future = self._pending.get(request_id) if isinstance(request_id, int) else None
         if "errorCode" in frame:
             self.stats.error_frames += 1
             error = error_from_payload(frame)
+            if isinstance(error, RateLimitBannedError) and self._governor is not None:
+                self._governor.observe_ban(error.banned_until_ms)
             if future is not None and not future.done():
                 future.set_exception(error)
             elif frame.get("action") == "authenticate":
@@ -250,26 +298,45 @@ class BitvavoWebSocket:
 
     # protocol helpers --------------------------------------------------------------------------
 
-    async def _send(self, frame: dict[str, Any], *, weight: int = 1) -> None:
+    async def _send(self, frame: dict[str, Any], *, weight: int = 1,
+                    connection: aiohttp.ClientWebSocketResponse | None = None) -> None:
+        """Send on `connection` (default: the current socket). A frame meant for a socket that was
+        replaced while we waited for rate budget is not sent on the new one."""
+        target = connection or self._ws
         if self._governor is not None:
             await self._governor.acquire_async(weight)
-        ws = self._ws
-        if ws is None or ws.closed:
-            raise WebSocketClosedError(f"{frame.get('action')}: socket closed")
-        await ws.send_str(orjson.dumps(frame).decode())
+        if target is None or target.closed or target is not self._ws:
+            raise WebSocketClosedError(f"{frame.get('action')}: socket closed before sending")
+        await target.send_str(orjson.dumps(frame).decode())
 
-    async def _send_subscription(self, action: str, channels: dict[Channel, set[str]]) -> None:
+    async def _send_difference(self, sent: dict[Channel, set[str]],
+                               connection: aiohttp.ClientWebSocketResponse) -> None:
+        added: dict[Channel, set[str]] = {}
+        removed: dict[Channel, set[str]] = {}
+        for channel in set(sent) | set(self.subscriptions):
+            wanted, had = self.subscriptions.get(channel, set()), sent.get(channel, set())
+            if wanted - had:
+                added[channel] = wanted - had
+            if had - wanted:
+                removed[channel] = had - wanted
+        if added:
+            await self._send_subscription("subscribe", added, connection=connection)
+        if removed:
+            await self._send_subscription("unsubscribe", removed, connection=connection)
+
+    async def _send_subscription(self, action: str, channels: dict[Channel, set[str]], *,
+                                 connection: aiohttp.ClientWebSocketResponse | None = None) -> None:
         payload = []
         for (name, interval), markets in sorted(channels.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
             entry: dict[str, Any] = {"name": name, "markets": sorted(markets)}
             if interval is not None:
                 entry["interval"] = [interval]
             payload.append(entry)
-        await self._send({"action": action, "channels": payload})
+        await self._send({"action": action, "channels": payload}, connection=connection)
 
     async def _authenticate(self) -> None:
         assert self._api_key is not None and self._api_secret is not None
-        timestamp = now_ms()
+        timestamp = now_ms() + self.clock_offset_ms
         self._auth_future = asyncio.get_running_loop().create_future()
         await self._send({"action": "authenticate", "key": self._api_key.get_secret_value(),
                           "signature": websocket_signature(self._api_secret.get_secret_value(), timestamp),

@@ -84,6 +84,8 @@ class OrderbookIngest:
     async def on_connect(self) -> None:
         record_reconnect_window(self.context.ws, self.context.ledger, self.context.metrics, UPDATE_CHANNEL,
                                 self.markets)
+
+    def on_disconnect(self) -> None:
         self.books.reset_all()
 
     async def tick(self) -> None:

@@ -98,7 +98,10 @@ class IngestHandler(Protocol):
         """One stream event from the socket (hot path)."""
 
     async def on_connect(self) -> None:
-        """The socket (re)connected, before it resubscribes: reset state, record the outage."""
+        """The socket (re)connected, before it resubscribes: record the outage."""
+
+    def on_disconnect(self) -> None:
+        """The socket dropped: invalidate state that is only true while connected."""
 
     async def tick(self) -> None:
         """Called after every flush: periodic work (snapshots, backfills)."""
@@ -148,7 +151,8 @@ async def run_ingest(handler: IngestHandler, settings: Settings, *, redis_url: s
         ledger = GapLedger(settings.parquet_dir)
         governor = shared_governor("ip:" + settings.bitvavo_rest_url)
         ws = BitvavoWebSocket(settings.bitvavo_ws_url, on_event=handler.on_event, on_connect=handler.on_connect,
-                              governor=governor, silence_timeout_s=ws_silence_timeout_s,
+                              on_disconnect=handler.on_disconnect, governor=governor,
+                              silence_timeout_s=ws_silence_timeout_s,
                               on_error_frame=lambda frame: log.warning("ingest %s: error frame %s", handler.name,
                                                                        frame))
         handler.attach(IngestContext(settings, ws, sink, ledger, metrics, governor))

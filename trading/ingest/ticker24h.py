@@ -80,6 +80,9 @@ class Ticker24hIngest:
         record_reconnect_window(self.context.ws, self.context.ledger, self.context.metrics, CHANNEL,
                                 tuple(sorted(self._markets)))
 
+    def on_disconnect(self) -> None:
+        return None
+
     async def tick(self) -> None:
         return None
 
