@@ -74,6 +74,10 @@ class SimHandle:
     def skip_nonce(self, market: str) -> None:
         self.control(skip_nonce=market)
 
+    def inject_frame(self, text: str) -> None:
+        """Send raw text (malformed on purpose, if you like) to every connected WebSocket."""
+        self.control(inject_frame=text)
+
     def pause_feed(self) -> None:
         self.control(pause_feed=True)
 

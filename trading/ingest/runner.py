@@ -118,6 +118,7 @@ class IngestSummary:
     stream_entries: int
     stream_batches_failed: int
     reconnects: int
+    malformed_frames: int
     fencing_token: int
     handler: dict[str, Any] = field(default_factory=dict)
 
@@ -161,10 +162,16 @@ async def run_ingest(handler: IngestHandler, settings: Settings, *, redis_url: s
         log.info("ingest %s: %d markets from %s; metrics on %s", handler.name, len(selection.markets),
                  selection.source, endpoint.url)
 
+        malformed_seen = 0
+
         async def flush_forever() -> None:
+            nonlocal malformed_seen
             while True:
                 await asyncio.sleep(flush_interval_s)
                 await sink.flush()
+                if ws.stats.malformed_frames != malformed_seen:  # frames that were not even JSON objects
+                    metrics.parse_errors("frame").inc(ws.stats.malformed_frames - malformed_seen)
+                    malformed_seen = ws.stats.malformed_frames
                 metrics.redis_up.set(1 if publisher.redis_up else 0)
                 metrics.rate_limit_remaining.set(governor.state().remaining)
                 await handler.tick()
@@ -201,7 +208,7 @@ async def run_ingest(handler: IngestHandler, settings: Settings, *, redis_url: s
                 endpoint.stop()
         return IngestSummary(handler.name, watcher.current.markets, watcher.current.source, sink.rows_written,
                              publisher.stats.entries_written, publisher.stats.batches_failed, ws.stats.reconnects,
-                             held.fencing_token, dict(handler.summary()))
+                             ws.stats.malformed_frames, held.fencing_token, dict(handler.summary()))
     finally:
         with contextlib.suppress(Exception):
             await lease.release()

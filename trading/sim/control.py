@@ -87,6 +87,7 @@ class Control:
             "api_key_state": self._api_key_state,
             "api_key_permissions": self._api_key_permissions,
             "drop_connections": self._drop_connections,
+            "inject_frame": self._inject_frame,
         }
 
     def _clear(self, value: Any) -> None:
@@ -159,6 +160,13 @@ class Control:
         if not isinstance(value, list) or not all(isinstance(v, str) and v in ALL_PERMISSIONS for v in value):
             raise ControlError(f"api_key_permissions must be a subset of {sorted(ALL_PERMISSIONS)}")
         self.exchange.api_key.permissions = frozenset(value)
+
+    def _inject_frame(self, value: Any) -> None:
+        """Send `value` (text, sent as is: it may be malformed on purpose) to every WebSocket."""
+        if not isinstance(value, str):
+            raise ControlError("inject_frame must be a string (the raw frame text)")
+        for connection in list(self.ws.connections):
+            connection.send(value)
 
     def _drop_connections(self, value: Any) -> None:
         if value not in (True, "abort", "close"):

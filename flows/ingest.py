@@ -1,0 +1,52 @@
+"""Ingest deployments: `ingest-ticker24h`, `ingest-orderbook`, `ingest-candles`.
+
+Each flow runs its loop until cancelled, or for `duration_s` seconds (bounded segments, tests,
+demos). The per-message work happens in `trading.ingest` without Prefect; the flow logs the
+start (markets and where they came from, metrics URL) and the end summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from trading.config import Settings
+from trading.ingest.orderbook import OrderbookIngest
+from trading.ingest.runner import IngestHandler, run_ingest
+from trading.ingest.ticker24h import Ticker24hIngest
+from trading.redis_conn import redis_url
+
+
+async def _run(handler: IngestHandler, *, duration_s: float | None, metrics_port: int, lease_wait_s: float,
+               universe_poll_s: float) -> dict[str, Any]:
+    logger = get_run_logger()
+    settings = Settings.from_env()  # a bad variable fails the run here, naming it
+    with redis_url(settings) as url:
+        logger.info("ingest %s starting (duration %s, metrics port %d)", handler.name,
+                    "unbounded" if duration_s is None else f"{duration_s}s", metrics_port)
+        summary = await run_ingest(handler, settings, redis_url=url, duration_s=duration_s,
+                                   metrics_port=metrics_port, lease_wait_s=lease_wait_s,
+                                   universe_poll_s=universe_poll_s)
+    logger.info("ingest %s finished: %d markets (%s), %d lake rows, %d stream entries, %d reconnects, %s",
+                summary.name, len(summary.markets), summary.market_source, summary.rows_written,
+                summary.stream_entries, summary.reconnects, summary.handler)
+    return asdict(summary)
+
+
+@flow(name="ingest-ticker24h")
+async def ingest_ticker24h(duration_s: float | None = None, metrics_port: int = 9611, lease_wait_s: float = 0.0,
+                           universe_poll_s: float = 10.0) -> dict[str, Any]:
+    """ticker24h for the selected markets into `bitvavo:ticker24h` and the lake."""
+    return await _run(Ticker24hIngest(), duration_s=duration_s, metrics_port=metrics_port,
+                      lease_wait_s=lease_wait_s, universe_poll_s=universe_poll_s)
+
+
+@flow(name="ingest-orderbook")
+async def ingest_orderbook(duration_s: float | None = None, snapshot_every_s: float = 300.0,
+                           metrics_port: int = 9612, lease_wait_s: float = 0.0,
+                           universe_poll_s: float = 10.0) -> dict[str, Any]:
+    """Local books for the selected markets: every update, the top of book, snapshots and gaps."""
+    return await _run(OrderbookIngest(snapshot_every_s), duration_s=duration_s, metrics_port=metrics_port,
+                      lease_wait_s=lease_wait_s, universe_poll_s=universe_poll_s)
