@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import urllib.request
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -141,3 +143,27 @@ async def test_second_instance_does_not_ingest_while_the_first_holds_the_lease(
     # Once released, the next instance gets in with a higher fencing token.
     second = await run_ingest(Ticker24hIngest(), settings, redis_url=redis_db_url, duration_s=1)
     assert second.fencing_token > summary.fencing_token
+
+
+async def test_metrics_endpoint_serves_the_ingest_families(sim_factory: Callable[..., SimHandle],
+                                                           redis_db_url: str, tmp_path: Path) -> None:
+    sim = sim_factory(markets=MARKETS, book_rate=40)
+    settings = settings_for(sim, redis_db_url, tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run = asyncio.create_task(run_ingest(OrderbookIngest(), settings, redis_url=redis_db_url, duration_s=5,
+                                         metrics_port=port, gauge_interval_s=0.5))
+    await asyncio.sleep(2.0)
+    sim.skip_nonce("BTC-EUR")
+    await asyncio.sleep(1.5)
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                                  timeout=5).read().decode())
+    await run
+    for family in ("ingest_messages_total", "ingest_lag_seconds_bucket", "ingest_stream_length",
+                   "ingest_last_message_age_seconds", "ingest_redis_up", "ingest_rate_limit_remaining",
+                   "ingest_gaps_total", "ingest_resyncs_total"):
+        assert family in text, family
+    assert 'ingest_stream_length{stream="bitvavo:book"}' in text
+    assert 'ingest_gaps_total{channel="orderbook/update",kind="nonce_gap",market="BTC-EUR"} 1.0' in text
+    assert "ingest_redis_up 1.0" in text

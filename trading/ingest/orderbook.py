@@ -41,6 +41,7 @@ class OrderbookIngest:
         self.books = LiveBooks([], on_applied=self._on_applied, on_gap=self._on_gap, on_snapshot=self._on_snapshot)
         self._context: IngestContext | None = None
         self._last_ts: dict[str, int] = {}
+        self.last_message_ms: dict[str, int] = {}
         self._open_gaps: dict[str, tuple[int, Gap]] = {}
         self._last_periodic_ms = now_ms()
         self._parse_errors_seen = 0
@@ -69,13 +70,16 @@ class OrderbookIngest:
         for market in removed:
             self.books.remove_market(market)
             self._open_gaps.pop(market, None)
+            self.last_message_ms.pop(market, None)
 
     def on_event(self, frame: dict[str, Any]) -> None:
         if frame.get("event") != "book":
             return
         metrics = self.context.metrics
         market = frame.get("market")
-        metrics.messages("book", market if isinstance(market, str) else "?").inc()
+        if isinstance(market, str) and market in self.books.syncs:
+            metrics.messages("book", market).inc()
+            self.last_message_ms[market] = now_ms()
         self.books.on_book_event(frame)
         if self.books.stats.parse_errors != self._parse_errors_seen:
             metrics.parse_errors("book").inc(self.books.stats.parse_errors - self._parse_errors_seen)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from redis.exceptions import RedisError
+
 from trading.bus import StreamPublisher
 from trading.clock import now_ms
 from trading.config import Settings
@@ -49,11 +51,13 @@ class IngestSink:
         self._rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._entries: list[tuple[str, dict[str, Any]]] = []
         self.rows_written = 0
+        self.streams: set[str] = set()
 
     def emit(self, lake_channel: str, row: dict[str, Any], stream: str | None = None) -> None:
         self._rows[lake_channel].append(row)
         if stream is not None:
             self._entries.append((stream, row))
+            self.streams.add(stream)
 
     async def flush(self) -> None:
         rows, self._rows = self._rows, defaultdict(list)
@@ -88,6 +92,7 @@ class IngestContext:
 
 class IngestHandler(Protocol):
     name: str  # lease, metrics and log name: "ticker24h", "orderbook", "candles"
+    last_message_ms: Mapping[str, int]  # market -> local receive time of its latest message
 
     def attach(self, context: IngestContext) -> None: ...
 
@@ -123,6 +128,15 @@ class IngestSummary:
     handler: dict[str, Any] = field(default_factory=dict)
 
 
+async def refresh_gauges(client: Any, sink: IngestSink, handler: IngestHandler, metrics: IngestMetrics) -> None:
+    """Slow-moving gauges, refreshed every few seconds rather than per message."""
+    for stream in sink.streams:
+        metrics.stream_length(stream).set(await client.xlen(stream))
+    now = now_ms()
+    for market, seen in handler.last_message_ms.items():
+        metrics.last_message_age(handler.name, market).set((now - seen) / 1000)
+
+
 def record_reconnect_window(ws: BitvavoWebSocket, ledger: GapLedger, metrics: IngestMetrics, channel: str,
                             markets: tuple[str, ...]) -> None:
     """After a reconnect, the time the socket was down is a known hole in every market's data."""
@@ -138,7 +152,8 @@ def record_reconnect_window(ws: BitvavoWebSocket, ledger: GapLedger, metrics: In
 
 async def run_ingest(handler: IngestHandler, settings: Settings, *, redis_url: str, duration_s: float | None = None,
                      metrics_port: int = 0, lease_wait_s: float = 0.0, universe_poll_s: float = 10.0,
-                     flush_interval_s: float = 0.05, ws_silence_timeout_s: float = 30.0) -> IngestSummary:
+                     flush_interval_s: float = 0.05, ws_silence_timeout_s: float = 30.0,
+                     gauge_interval_s: float = 5.0) -> IngestSummary:
     client = async_client(redis_url)
     lease = RedisLease(client, f"ingest:{handler.name}")
     try:
@@ -176,6 +191,12 @@ async def run_ingest(handler: IngestHandler, settings: Settings, *, redis_url: s
                 metrics.rate_limit_remaining.set(governor.state().remaining)
                 await handler.tick()
 
+        async def refresh_gauges_forever() -> None:
+            while True:
+                await asyncio.sleep(gauge_interval_s)
+                with contextlib.suppress(RedisError):  # Redis down: the publisher already reports it
+                    await refresh_gauges(client, sink, handler, metrics)
+
         async def follow_universe() -> None:
             while True:
                 await asyncio.sleep(universe_poll_s)
@@ -192,6 +213,7 @@ async def run_ingest(handler: IngestHandler, settings: Settings, *, redis_url: s
                     tasks.create_task(lease.keep_renewed())
                     tasks.create_task(flush_forever())
                     tasks.create_task(follow_universe())
+                    tasks.create_task(refresh_gauges_forever())
         except BaseExceptionGroup as group:
             # One failure (disk full, lost lease) is the story; unwrap it for a clear error.
             if len(group.exceptions) == 1:

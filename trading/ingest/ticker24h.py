@@ -27,6 +27,7 @@ class Ticker24hIngest:
     def __init__(self) -> None:
         self._context: IngestContext | None = None
         self._markets: set[str] = set()
+        self.last_message_ms: dict[str, int] = {}
         self.rows = 0
         self.rejected = 0
 
@@ -41,6 +42,8 @@ class Ticker24hIngest:
     async def set_markets(self, added: tuple[str, ...], removed: tuple[str, ...]) -> None:
         self._markets.update(added)
         self._markets.difference_update(removed)
+        for market in removed:
+            self.last_message_ms.pop(market, None)
         if added:
             await self.context.ws.subscribe(CHANNEL, added)
         if removed:
@@ -72,6 +75,7 @@ class Ticker24hIngest:
                 if raw.get(name) is not None:
                     row[name] = raw[name]
             sink.emit(CHANNEL, row, STREAM_TICKER24H)
+            self.last_message_ms[ticker.market] = recv_ts
             metrics.messages(CHANNEL, ticker.market).inc()
             metrics.lag(CHANNEL).observe(max(recv_ts - ts, 0) / 1000)
             self.rows += 1
