@@ -92,7 +92,10 @@ class IngestContext:
 
 class IngestHandler(Protocol):
     name: str  # lease, metrics and log name: "ticker24h", "orderbook", "candles"
-    last_message_ms: Mapping[str, int]  # market -> local receive time of its latest message
+
+    @property
+    def last_message_ms(self) -> Mapping[str, int]:
+        """market -> local receive time (ms) of its latest message."""
 
     def attach(self, context: IngestContext) -> None: ...
 
