@@ -294,7 +294,7 @@ class _Book:
 class _History:
     """One account's orders and fills in one market."""
 
-    __slots__ = ("by_client_id", "closed", "fills", "open", "orders")
+    __slots__ = ("by_client_id", "closed", "fee_basis", "fills", "open", "orders")
 
     def __init__(self, limit: int) -> None:
         self.orders: dict[str, Order] = {}  # retained orders, creation order
@@ -302,6 +302,9 @@ class _History:
         self.closed: deque[Order] = deque()  # close order, for pruning
         self.fills: deque[Fill] = deque(maxlen=limit)
         self.by_client_id: dict[str, Order] = {}  # newest order per clientOrderId
+        # Open orders with fills: the unrounded quote they moved so far, sum of gross*(1+rate)
+        # (buys) or gross*(1-rate) (sells), each fill at its own role's rate (see _settle).
+        self.fee_basis: dict[str, Decimal] = {}
 
 
 class _Account:
@@ -515,7 +518,7 @@ class MatchingEngine:
                 raise _error(231)
             if self._crosses(book, order.side, new_price):
                 raise _error(425)
-        target = self._resting_hold(acct, order.side, new_remaining, new_price, rules)
+        target = self._order_hold(acct, order, new_remaining, new_price, rules)
         self._check_funds(acct, order.on_hold_currency, target - order.on_hold)
 
         call = _Call(self._clock())
@@ -787,10 +790,27 @@ class MatchingEngine:
     # holds
     @staticmethod
     def _resting_hold(acct: _Account, side: str, remaining: Decimal, price: Decimal,
-                      rules: MarketRules) -> Decimal:
+                      rules: MarketRules, basis: Decimal = ZERO) -> Decimal:
+        """What the rest of an order can still cost. A buy's fills are debited by cumulative
+        rounding (_settle), so with `basis` (its fee basis so far) filling `remaining` at `price`
+        costs at most ceil(basis + remaining*price*(1+rate)) - ceil(basis); with no fills yet
+        that is spec §5.5's ceil(amount*price*(1+rate))."""
         if side == "sell":
             return remaining
-        return ceil_to(remaining * price * (1 + acct.hold_rate), rules.notional_decimals)
+        places = rules.notional_decimals
+        return (ceil_to(basis + remaining * price * (1 + acct.hold_rate), places)
+                - ceil_to(basis, places))
+
+    def _order_hold(self, acct: _Account, order: Order, remaining: Decimal, price: Decimal,
+                    rules: MarketRules) -> Decimal:
+        """_resting_hold for an existing order, after the fills it already has."""
+        return self._resting_hold(acct, order.side, remaining, price, rules,
+                                  self._fee_basis(acct, order))
+
+    @staticmethod
+    def _fee_basis(acct: _Account, order: Order) -> Decimal:
+        hist = acct.history.get(order.market)
+        return hist.fee_basis.get(order.order_id, ZERO) if hist is not None else ZERO
 
     def _initial_hold(self, book: _Book, acct: _Account, request: OrderRequest) -> Decimal:
         rules = book.rules
@@ -809,11 +829,12 @@ class MatchingEngine:
             need = request.amount or ZERO
             for price, resting in self._walk(book, "buy", acct.account_id):
                 qty = min(need, _remaining(resting))
-                held += ceil_to(qty * price * (1 + rate), rules.notional_decimals)
+                held += qty * price * (1 + rate)
                 need -= qty
                 if need == 0:
                     break
-            return held
+            # The fills' debits add up to ceil(sum of gross*(1+rate)) (cumulative rounding).
+            return ceil_to(held, rules.notional_decimals)
         budget = request.amount_quote or ZERO
         for price, resting in self._walk(book, "sell", acct.account_id):
             qty = min(floor_to(budget / price, rules.quantity_decimals), _remaining(resting))
@@ -827,9 +848,10 @@ class MatchingEngine:
         """Move funds between available and this order's hold so the hold equals `target`."""
         symbol = order.on_hold_currency
         delta = target - order.on_hold
-        if delta > 0 and not acct.unlimited:
-            # Fee rounding per fill can leave a buy's hold a cent short; never overdraw for it.
-            delta = min(delta, max(acct.available[symbol], ZERO))
+        if delta > 0 and not acct.unlimited and delta > acct.available[symbol]:
+            # Callers check funds before growing a hold; fills only ever shrink it.
+            raise AssertionError(f"order {order.order_id} would overdraw {symbol} of account "
+                                 f"{acct.account_id}: hold {target} needs {delta} more")
         if delta:
             acct.available[symbol] -= delta
             acct.in_order[symbol] += delta
@@ -838,9 +860,14 @@ class MatchingEngine:
     def _debit(self, acct: _Account, order: Order, symbol: str, amount: Decimal) -> None:
         """Pay `amount` of `symbol`: from the order's hold first, the rest from available."""
         from_hold = min(order.on_hold, amount)
+        rest = amount - from_hold
+        if rest > 0 and not acct.unlimited and rest > acct.available[symbol]:
+            # Holds cover every fill (cumulative fee rounding, _settle); reaching this is a bug.
+            raise AssertionError(f"order {order.order_id} would overdraw {symbol} of account "
+                                 f"{acct.account_id}: needs {rest} beyond its hold")
         order.on_hold -= from_hold
         acct.in_order[symbol] -= from_hold
-        acct.available[symbol] -= amount - from_hold
+        acct.available[symbol] -= rest
 
     # order lifecycle
     def _register(self, acct: _Account, order: Order) -> None:
@@ -856,6 +883,7 @@ class MatchingEngine:
         self._set_hold(acct, order, ZERO)
         hist = acct.history[order.market]
         del hist.open[order.order_id]
+        hist.fee_basis.pop(order.order_id, None)
         hist.closed.append(order)
         if len(hist.closed) > self._history_limit:
             old = hist.closed.popleft()
@@ -947,19 +975,24 @@ class MatchingEngine:
                         call.now)
         else:
             order.status = "new" if order.filled_amount == 0 else "partiallyFilled"
-            self._set_hold(acct, order, self._resting_hold(acct, order.side, _remaining(order),
-                                                          _limit_price(order), rules))
+            self._set_hold(acct, order, self._order_hold(acct, order, _remaining(order),
+                                                        _limit_price(order), rules))
             self._rest(call, book, order)
 
-    def _capacity(self, order: Order, price: Decimal, rate: Decimal, rules: MarketRules) -> Decimal:
+    def _capacity(self, acct: _Account, order: Order, price: Decimal, rate: Decimal,
+                  rules: MarketRules) -> Decimal:
         """Base amount the taker can still take at `price`."""
         if order.amount_remaining is not None:
             return order.amount_remaining
         budget = order.amount_quote_remaining or ZERO
         if order.side == "sell":
             return floor_to(budget / price, rules.quantity_decimals)
-        # The budget sits on the notional grid, so ceil(qty*price*(1+rate)) <= budget holds here.
-        return floor_to(budget / (price * (1 + rate)), rules.quantity_decimals)
+        # A fill costs ceil(basis + qty*price*(1+rate)) - ceil(basis) (_settle); the budget sits on
+        # the notional grid, so that is <= budget exactly when basis + qty*price*(1+rate) <=
+        # budget + ceil(basis).
+        basis = self._fee_basis(acct, order)
+        room = budget + ceil_to(basis, rules.notional_decimals) - basis
+        return floor_to(room / (price * (1 + rate)), rules.quantity_decimals)
 
     def _match(self, call: _Call, book: _Book, acct: _Account, order: Order) -> str:
         """Take liquidity until done; returns why it stopped: budget, limit, exhausted or stp."""
@@ -973,7 +1006,7 @@ class MatchingEngine:
             price, level = opposite.peekitem(best)
             if limit is not None and (price > limit if buying else price < limit):
                 return "limit"
-            capacity = self._capacity(order, price, rate, rules)
+            capacity = self._capacity(acct, order, price, rate, rules)
             if capacity <= 0:
                 return "budget"
             maker = level.orders[0]
@@ -1005,8 +1038,8 @@ class MatchingEngine:
             maker.amount_remaining = maker_left - overlap
             maker.updated = call.now
             call.level(maker.side, price, level.total)
-            self._set_hold(acct, maker, self._resting_hold(acct, maker.side, maker.amount_remaining,
-                                                          price, book.rules))
+            self._set_hold(acct, maker, self._order_hold(acct, maker, maker.amount_remaining,
+                                                        price, book.rules))
         call.touch(maker)
         if capacity <= maker_left:
             return False
@@ -1016,7 +1049,11 @@ class MatchingEngine:
             budget = order.amount_quote_remaining or ZERO
             spent = overlap * price
             if order.side == "buy":
-                spent = ceil_to(spent * (1 + acct.fees.taker), book.rules.notional_decimals)
+                # Priced like a fill would have been (cumulative rounding); fits the budget.
+                places = book.rules.notional_decimals
+                basis = self._fee_basis(acct, order)
+                spent = (ceil_to(basis + spent * (1 + acct.fees.taker), places)
+                         - ceil_to(basis, places))
             order.amount_quote_remaining = budget - spent
         return True
 
@@ -1042,29 +1079,43 @@ class MatchingEngine:
             self._close(maker_acct, maker, "filled", call.now)
         else:
             maker.status = "partiallyFilled"
-            self._set_hold(maker_acct, maker, self._resting_hold(maker_acct, maker.side,
-                                                                _remaining(maker), price, rules))
+            self._set_hold(maker_acct, maker, self._order_hold(maker_acct, maker, _remaining(maker),
+                                                              price, rules))
         call.level(maker.side, price, level.total)
         call.touch(maker)
 
     def _settle(self, call: _Call, acct: _Account, order: Order, qty: Decimal, price: Decimal,
                 taker: bool, fill_id: str, rules: MarketRules) -> Fill:
         """Book one side of a fill. Fees in quote, rounded so quote balances stay on the
-        notional grid (spec §5.6): sells get floor(gross*(1-rate)), buys pay ceil(gross*(1+rate))."""
+        notional grid (spec §5.6): sells get floor(gross*(1-rate)), buys pay ceil(gross*(1+rate)).
+
+        Rounding is cumulative per order, so an order's fills together move exactly what one fill
+        of their combined size would (and a buy never pays more than its hold): with B the order's
+        fee basis (sum of gross*(1+rate), or *(1-rate) for sells, over its fills, each at the rate
+        of its own role), fill k pays ceil(B_k) - ceil(B_k-1) / gets floor(B_k) - floor(B_k-1).
+        A single fill is exactly spec §5.6; a later fill's own fee may differ from its isolated
+        rounding by under a cent, so a fill whose gross is off the cent grid can show a slightly
+        negative fee (the order's total fee is >= 0 for non-negative rates)."""
         rate = acct.fees.taker if taker else acct.fees.maker
         gross = qty * price
+        places = rules.notional_decimals
+        fee_basis = acct.history[order.market].fee_basis
+        basis = fee_basis.get(order.order_id, ZERO)
         if order.side == "sell":
-            net = floor_to(gross * (1 - rate), rules.notional_decimals)
+            new_basis = basis + gross * (1 - rate)
+            net = floor_to(new_basis, places) - floor_to(basis, places)
             fee = gross - net
             self._debit(acct, order, rules.base, qty)
             acct.available[rules.quote] += net
             spent_quote = gross
         else:
-            total = ceil_to(gross * (1 + rate), rules.notional_decimals)
+            new_basis = basis + gross * (1 + rate)
+            total = ceil_to(new_basis, places) - ceil_to(basis, places)
             fee = total - gross
             self._debit(acct, order, rules.quote, total)
             acct.available[rules.base] += qty
             spent_quote = total
+        fee_basis[order.order_id] = new_basis
         self._fee_pool[rules.quote] += fee
         order.filled_amount += qty
         order.filled_amount_quote += gross
@@ -1100,8 +1151,8 @@ class MatchingEngine:
                 order.amount_remaining = left - cut
                 order.updated = call.now
                 call.level(order.side, order.price, level.total)
-                self._set_hold(acct, order, self._resting_hold(acct, order.side, order.amount_remaining,
-                                                              order.price, book.rules))
+                self._set_hold(acct, order, self._order_hold(acct, order, order.amount_remaining,
+                                                            order.price, book.rules))
                 cut = ZERO
             changed.append(order)
             if cut == 0:
@@ -1115,7 +1166,7 @@ class MatchingEngine:
         price = order.price
         assert order.amount is not None and price is not None
         new_remaining = _remaining(order) + delta
-        target = self._resting_hold(acct, order.side, new_remaining, price, book.rules)
+        target = self._order_hold(acct, order, new_remaining, price, book.rules)
         self._check_funds(acct, order.on_hold_currency, target - order.on_hold)
         call = _Call(self._clock())
         level = book.levels(order.side)[price]

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures import ccxt_responses
+from trading.decimals import ceil_to
 from trading.exchange.errors import (
     BitvavoError,
     InsufficientBalanceError,
@@ -229,10 +230,13 @@ def test_limit_buy_sweeps_levels_then_rests_the_remainder(engine: MatchingEngine
                                     LevelChange("buy", D("50005"), D("0.05"))]
     assert order.amount_remaining == D("0.05") and order.filled_amount == D("0.2")
     assert order.filled_amount_quote == D("10000.1")
-    # Taker fees per fill: ceil2(5000*1.0025) + ceil2(5000.1*1.0025).
-    assert order.fee_paid == D("12.50") + D("12.51")
-    # The remaining hold is recomputed for what still rests: ceil2(0.05*50005*1.0025).
-    assert order.on_hold == D("2506.51")
+    # Cumulative rounding: the order pays ceil2(10000.1*1.0025) = 10025.11 in all, split as
+    # ceil2(5000*1.0025) = 5012.50 then 10025.11 - 5012.50 = 5012.61.
+    assert [f.fee for f in result.fills] == [D("12.50"), D("12.51")]
+    assert order.fee_paid == D("25.01")
+    # The remaining hold is what the rest can still cost after that rounding:
+    # ceil2(10000.1*1.0025 + 0.05*50005*1.0025) - 10025.11 = 12631.61 - 10025.11.
+    assert order.on_hold == D("2506.50")
     assert engine.best_bid("BTC-EUR") == (D("50005"), D("0.05"))
     assert engine.best_ask("BTC-EUR") == (D("50010"), D("0.1"))
 
@@ -757,6 +761,63 @@ def test_sell_maker_order_fees(engine: MatchingEngine) -> None:
     assert result.fills[0].fee == D("6.92") - D("6.89448938")
     assert available(engine, "alice", "EUR") == EUR0 + D("6.88")
     assert engine.orders("alice", "BTC-EUR")[0].to_wire()["feePaid"] == "0.01448938"
+
+
+# ---------------------------------------------------------------- fees: cumulative rounding per order
+
+def test_buy_filled_in_parts_never_pays_more_than_its_hold(engine: MatchingEngine) -> None:
+    # Reviewer's repro: per-fill rounding debited 3 x ceil2(5.0005*1.0025) = 15.06 from a 15.04 hold.
+    engine.open_account("dave", {"EUR": D("15.04")}, CATEGORY_A)
+    for _ in range(3):
+        engine.place("mm", limit("sell", "0.0005", "10001"))
+    placed = engine.place("dave", limit("buy", "0.0015", "10001"))
+    order = placed.order
+    assert order.status == "filled" and len(placed.fills) == 3
+    gross = D("0.0015") * D("10001")  # 15.0015
+    debit = ceil_to(gross * D("1.0025"), 2)  # the hold: ceil2(15.03900375)
+    assert debit == D("15.04")
+    assert order.fee_paid == debit - gross == D("0.0385")
+    # ceil2 of the cumulative cost after each fill: 5.02, 10.03, 15.04.
+    assert [f.fee for f in placed.fills] == [D("0.0195"), D("0.0095"), D("0.0095")]
+    assert available(engine, "dave", "EUR") == 0 and in_order(engine, "dave", "EUR") == 0
+    assert available(engine, "dave", "BTC") == D("0.0015")
+    accounts = ("alice", "bob", "mm", "dave")
+    assert total(engine, accounts, "EUR") == 2 * EUR0 + D("15.04")
+
+
+def test_order_taking_then_resting_pays_at_most_its_hold(engine: MatchingEngine) -> None:
+    # Rounded per role, 0.0001 taken at 9800 then 0.0007 filled as maker would cost
+    # ceil2(0.98*1.0025) + ceil2(6.86*1.0015) = 0.99 + 6.88 = 7.87 against a 7.86 hold.
+    engine.open_account("erin", {"EUR": D("7.86")}, CATEGORY_A)
+    engine.set_liquidity_level("mm", "BTC-EUR", "sell", D("9800"), D("0.0001"))
+    placed = engine.place("erin", limit("buy", "0.0008", "9800")).order
+    assert placed.status == "partiallyFilled" and placed.fee_paid == D("0.01")  # 0.99 - 0.98
+    # What the rest can still cost: ceil2(0.98245 + 6.86*1.0025) - ceil2(0.98245) = 7.86 - 0.99.
+    assert placed.on_hold == D("6.87") and available(engine, "erin", "EUR") == 0
+    engine.place("mm", market("sell", "0.0007"))
+    assert placed.status == "filled"
+    # One cumulative rounding over both roles: ceil2(0.98*1.0025 + 6.86*1.0015) = 7.86.
+    assert placed.fee_paid == D("7.86") - D("7.84")
+    assert [f.taker for f in placed.fills] == [True, False]
+    assert available(engine, "erin", "EUR") == 0 and in_order(engine, "erin", "EUR") == 0
+
+
+def test_sell_filled_in_parts_gets_the_single_fill_credit(engine: MatchingEngine) -> None:
+    engine.place("mm", limit("buy", "0.0005", "10001"))
+    engine.place("mm", limit("buy", "0.0005", "10001"))
+    placed = engine.place("alice", market("sell", "0.001"))
+    assert len(placed.fills) == 2
+    # floor2(10.001*0.9975) = 9.97 in all (per fill it would be 2 x floor2(4.98799875) = 9.96).
+    assert available(engine, "alice", "EUR") == EUR0 + D("9.97")
+    assert [f.fee for f in placed.fills] == [D("0.0205"), D("0.0105")]
+
+
+def test_debit_beyond_hold_and_balance_is_an_invariant_error(engine: MatchingEngine) -> None:
+    order = engine.place("alice", limit("buy", "0.001", "40000")).order
+    acct = engine._accounts["alice"]
+    with pytest.raises(AssertionError, match="overdraw"):
+        engine._debit(acct, order, "EUR", order.on_hold + available(engine, "alice", "EUR") + D("0.01"))
+    assert order.on_hold == D("40.10")  # nothing moved
 
 
 @pytest.mark.parametrize(("field", "code"), [("price", 211), ("amount", 210)])
