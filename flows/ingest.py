@@ -13,6 +13,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from trading.config import Settings
+from trading.ingest.candles import CandlesIngest
 from trading.ingest.orderbook import OrderbookIngest
 from trading.ingest.runner import IngestHandler, run_ingest
 from trading.ingest.ticker24h import Ticker24hIngest
@@ -50,3 +51,12 @@ async def ingest_orderbook(duration_s: float | None = None, snapshot_every_s: fl
     """Local books for the selected markets: every update, the top of book, snapshots and gaps."""
     return await _run(OrderbookIngest(snapshot_every_s), duration_s=duration_s, metrics_port=metrics_port,
                       lease_wait_s=lease_wait_s, universe_poll_s=universe_poll_s)
+
+
+@flow(name="ingest-candles")
+async def ingest_candles(duration_s: float | None = None, intervals: list[str] | None = None,
+                         backfill_buckets: int = 60, metrics_port: int = 9613, lease_wait_s: float = 0.0,
+                         universe_poll_s: float = 10.0) -> dict[str, Any]:
+    """Candles (default 1m and 5m) with REST backfill of missed buckets and known-empty records."""
+    return await _run(CandlesIngest(tuple(intervals or ("1m", "5m")), backfill_buckets), duration_s=duration_s,
+                      metrics_port=metrics_port, lease_wait_s=lease_wait_s, universe_poll_s=universe_poll_s)

@@ -137,7 +137,7 @@ def test_prefect_yaml_deploys_every_ingest_deployment(prefect_api: str, tmp_path
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        for name in ("ingest-ticker24h", "ingest-orderbook"):
+        for name in ("ingest-ticker24h", "ingest-orderbook", "ingest-candles"):
             deployment = client.read_deployment_by_name(f"{name}/{name}")
             assert (deployment.work_pool_name, deployment.work_queue_name) == ("local", "trading")
             assert deployment.parameters["duration_s"] == 3540
@@ -151,4 +151,22 @@ def test_prefect_yaml_deploys_every_ingest_deployment(prefect_api: str, tmp_path
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0
     with get_client(sync_client=True) as client:
-        assert len([d for d in client.read_deployments() if d.name.startswith("ingest-")]) == 2
+        assert len([d for d in client.read_deployments() if d.name.startswith("ingest-")]) == 3
+
+
+async def test_candles_flow_runs_bounded_with_backfill(sim_factory: Callable[..., SimHandle], redis_db_url: str,
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.ingest import ingest_candles
+
+    sim = sim_factory(markets="BTC-EUR,ETH-EUR", book_rate=40)
+    ingest_env(monkeypatch, sim, redis_db_url, tmp_path)
+    summary = await ingest_candles(duration_s=4, metrics_port=0)
+    assert summary["handler"]["events"] > 0 and summary["handler"]["rest_calls"] >= 2   # start backfill
+    client = redis.Redis.from_url(redis_db_url, decode_responses=True)
+    try:
+        entries = [fields for _id, fields in client.xrange("bitvavo:candles:1m")]
+    finally:
+        client.close()
+    assert entries and all(set(e) == {"v", "ts", "recv_ts", "market", "interval", "open_ts", "open", "high", "low",
+                                      "close", "volume"} for e in entries)
+    assert lake_rows(tmp_path, "candles/1m")

@@ -9,9 +9,11 @@ from decimal import Decimal
 import pytest
 
 from trading.exchange.errors import BitvavoError
+from trading.exchange.intervals import CANDLE_INTERVALS as INTERVALS
+from trading.exchange.intervals import bucket_start
 from trading.sim.__main__ import parse_args
 from trading.sim.auth import ApiKey, verify
-from trading.sim.candles import INTERVALS, CandleSeries, bucket_start
+from trading.sim.candles import CandleSeries
 from trading.sim.markets import CATALOG, DEFAULT_MARKETS
 from trading.sim.ratelimit import RateLimiter
 from trading.sim.stats24h import DAY_MS, Rolling24h, synthetic_baseline

@@ -92,6 +92,9 @@ class OrderbookIngest:
     def on_disconnect(self) -> None:
         self.books.reset_all()
 
+    async def close(self) -> None:
+        self.books.reset_all()  # cancels snapshot fetches in flight
+
     async def tick(self) -> None:
         now = now_ms()
         if now - self._last_periodic_ms < self.snapshot_every_ms:

@@ -114,6 +114,9 @@ class IngestHandler(Protocol):
     async def tick(self) -> None:
         """Called after every flush: periodic work (snapshots, backfills)."""
 
+    async def close(self) -> None:
+        """The loop is stopping: cancel background work (snapshot fetches, backfills)."""
+
     def summary(self) -> Mapping[str, Any]: ...
 
 
@@ -223,6 +226,7 @@ async def run_ingest(handler: IngestHandler, settings: Settings, *, redis_url: s
                 raise group.exceptions[0] from None
             raise
         finally:
+            await handler.close()
             await ws.close()
             try:
                 await sink.flush()

@@ -87,6 +87,9 @@ class Ticker24hIngest:
     def on_disconnect(self) -> None:
         return None
 
+    async def close(self) -> None:
+        return None
+
     async def tick(self) -> None:
         return None
 

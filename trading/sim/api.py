@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from trading.decimals import format_decimal, format_padded
+from trading.exchange.intervals import CANDLE_INTERVALS
 from trading.matching import Fill, Order, OrderRequest, OrderUpdate, SelfTradePrevention, TimeInForce
 from trading.sim import params as P
-from trading.sim.candles import INTERVALS
 from trading.sim.exchange import USER, SimExchange
 from trading.sim.markets import asset_rows, market_wire
 
@@ -152,7 +152,7 @@ class SimApi:
         interval = params.get("interval")
         if interval is None:
             raise P.required("interval")
-        if interval not in INTERVALS:
+        if interval not in CANDLE_INTERVALS:
             raise P.invalid("interval", interval if isinstance(interval, str) else None)
         limit = P.integer(params, "limit", low=1, high=1440)
         start = P.integer(params, "start", low=0)

@@ -7,35 +7,13 @@ months on the 1st, 00:00 UTC.
 from __future__ import annotations
 
 from collections import OrderedDict
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 from trading.decimals import format_decimal
+from trading.exchange.intervals import MAX_CANDLES_PER_REQUEST, bucket_start
 
-_MINUTE = 60_000
-_FIXED_MS = {
-    "1m": _MINUTE, "5m": 5 * _MINUTE, "15m": 15 * _MINUTE, "30m": 30 * _MINUTE,
-    "1h": 60 * _MINUTE, "2h": 120 * _MINUTE, "4h": 240 * _MINUTE, "6h": 360 * _MINUTE,
-    "8h": 480 * _MINUTE, "12h": 720 * _MINUTE, "1d": 1440 * _MINUTE,
-}
-_WEEK_MS = 7 * 1440 * _MINUTE
-_MONDAY_OFFSET_MS = 4 * 1440 * _MINUTE  # 1970-01-01 was a Thursday; 1970-01-05 a Monday
-INTERVALS: tuple[str, ...] = (*_FIXED_MS, "1W", "1M")
-MAX_CANDLES = 1440  # the endpoint's maximum `limit`; older buckets are dropped
-
-
-def bucket_start(timestamp_ms: int, interval: str) -> int:
-    size = _FIXED_MS.get(interval)
-    if size is not None:
-        return timestamp_ms - timestamp_ms % size
-    if interval == "1W":
-        shifted = timestamp_ms - _MONDAY_OFFSET_MS
-        return shifted - shifted % _WEEK_MS + _MONDAY_OFFSET_MS
-    if interval == "1M":
-        moment = datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC)
-        return int(datetime(moment.year, moment.month, 1, tzinfo=UTC).timestamp() * 1000)
-    raise ValueError(f"unknown interval {interval!r}")
+MAX_CANDLES = MAX_CANDLES_PER_REQUEST  # older buckets are dropped
 
 
 class CandleSeries:

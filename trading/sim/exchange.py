@@ -19,9 +19,10 @@ import orjson
 
 from trading.clock import now_ms, now_ns
 from trading.decimals import format_decimal, format_padded
+from trading.exchange.intervals import CANDLE_INTERVALS
 from trading.matching import FeeRates, Fill, MatchingEngine, MatchResult, Order, Trade
 from trading.sim.auth import ApiKey
-from trading.sim.candles import INTERVALS, CandleSeries
+from trading.sim.candles import CandleSeries
 from trading.sim.config import USER_FEES, SimConfig
 from trading.sim.faults import Faults
 from trading.sim.generator import MARKET_MAKER, ORDER_FLOW, MarketGenerator
@@ -85,7 +86,7 @@ class SimExchange:
             rng = random.Random(f"{config.seed}:{market}:history")
             self.feeds[market] = MarketFeed(nonce=rng.randrange(10_000_000, 400_000_000))
             self.trades[market] = TradeHistory(config.trade_history)
-            self.candles[market] = {interval: CandleSeries(interval) for interval in INTERVALS}
+            self.candles[market] = {interval: CandleSeries(interval) for interval in CANDLE_INTERVALS}
             baseline = synthetic_baseline(rng, spec.best_bid, spec.tick, spec.volume_quote_24h,
                                           spec.quantity_decimals, started)
             self.stats[market] = Rolling24h(baseline, spec.quantity_decimals)

@@ -15,12 +15,12 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from trading.exchange.errors import BitvavoError, ban_message, error_body
+from trading.exchange.intervals import CANDLE_INTERVALS
 from trading.exchange.signing import WEBSOCKET_SIGN_PATH
 from trading.exchange.weights import ws_action_weight
 from trading.sim import auth
 from trading.sim import params as P
 from trading.sim.api import ACTIONS, SimApi
-from trading.sim.candles import INTERVALS
 from trading.sim.exchange import SimExchange
 from trading.sim.hub import CANDLES_PREFIX, CHANNELS
 
@@ -197,7 +197,7 @@ class WsHandler:
                 if not isinstance(intervals, list) or not intervals:
                     raise P.required("interval")
                 for interval in intervals:
-                    if interval not in INTERVALS:
+                    if interval not in CANDLE_INTERVALS:
                         raise P.invalid("interval", interval if isinstance(interval, str) else None)
                 keys = [CANDLES_PREFIX + interval for interval in intervals]
             if name == "account" and subscribing and not conn.authenticated:
