@@ -49,7 +49,7 @@ from trading.exchange.intervals import FIXED_INTERVAL_MS, MAX_CANDLES_PER_REQUES
 from trading.exchange.models import Candle, CandleEvent, PayloadError
 from trading.exchange.rest import BitvavoRest
 from trading.gaps import GapKind, GapRecord, covers
-from trading.ingest.runner import IngestContext, record_reconnect_window
+from trading.ingest.runner import HandlerBase, IngestContext, record_reconnect_window
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class BackfillReply:
     rest_calls: int
 
 
-class CandlesIngest:
+class CandlesIngest(HandlerBase):
     name = "candles"
 
     def __init__(self, intervals: Iterable[str] = ("1m", "5m"), backfill_buckets: int = 60, *,
@@ -153,6 +153,7 @@ class CandlesIngest:
         its end a bucket is trusted closed on REST. `budget_reserve`: weight left unused by backfills beyond the
         governor's critical headroom. `clock_ms`: the exchange's time for bucket arithmetic (tests move it ahead).
         """
+        super().__init__()
         self.intervals = tuple(intervals)
         unsupported = [interval for interval in self.intervals if interval not in INTERVAL_MS]
         if not self.intervals or unsupported:
@@ -166,7 +167,6 @@ class CandlesIngest:
         self._streams = {interval: stream_candles(interval) for interval in self.intervals}
         self._lake_channels = {interval: lake_channel(interval) for interval in self.intervals}
         self.series: dict[tuple[str, str], CandleSeries] = {}
-        self._context: IngestContext | None = None
         self._rest: BitvavoRest | None = None
         self._inflight: tuple[BackfillJob, asyncio.Task[BackfillReply]] | None = None
         self.events = 0
@@ -175,19 +175,13 @@ class CandlesIngest:
         self.rejected = 0
         self.rest_calls = 0
         self.backfill_errors = 0
-        self.last_message_ms: dict[str, int] = {}
-
-    @property
-    def context(self) -> IngestContext:
-        assert self._context is not None, "attach() first"
-        return self._context
 
     @property
     def markets(self) -> tuple[str, ...]:
         return tuple(sorted({market for market, _ in self.series}))
 
     def attach(self, context: IngestContext) -> None:
-        self._context = context
+        super().attach(context)
         # No client retries: a failed backfill is retried by this handler with its own backoff,
         # and retry sleeps would keep the worker thread (and a shutdown) waiting.
         self._rest = BitvavoRest(context.settings.bitvavo_rest_url, governor=context.governor, max_retries=0)
@@ -249,10 +243,6 @@ class CandlesIngest:
             if series.caught_up and series.last_candle is not None:
                 series.settled_until = max(series.settled_until, series.last_candle.open_ts)
             series.live_since = self._live_since(now, INTERVAL_MS[interval])
-
-    def on_disconnect(self) -> None:
-        # Nothing to invalidate: the watermarks stay true while down, on_connect moves them.
-        return None
 
     async def close(self) -> None:
         # The REST call runs in a worker thread that cannot be interrupted; dropping its task means

@@ -20,7 +20,7 @@ from trading.decimals import format_decimal
 from trading.exchange.live_book import LiveBooks
 from trading.exchange.models import BookSnapshot, Level
 from trading.gaps import GapKind, GapRecord
-from trading.ingest.runner import IngestContext, record_reconnect_window
+from trading.ingest.runner import HandlerBase, IngestContext, record_reconnect_window
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +33,20 @@ def _levels(levels: list[Level]) -> list[list[str]]:
     return [[format_decimal(p), format_decimal(s)] for p, s in levels]
 
 
-class OrderbookIngest:
+class OrderbookIngest(HandlerBase):
     name = "orderbook"
 
     def __init__(self, snapshot_every_s: float = 300.0) -> None:
+        super().__init__()
         self.snapshot_every_ms = int(snapshot_every_s * 1000)
         self.books = LiveBooks([], on_applied=self._on_applied, on_gap=self._on_gap, on_snapshot=self._on_snapshot)
-        self._context: IngestContext | None = None
         self._last_ts: dict[str, int] = {}
-        self.last_message_ms: dict[str, int] = {}
         self._open_gaps: dict[str, tuple[int, Gap]] = {}
         self._last_periodic_ms = now_ms()
         self._parse_errors_seen = 0
 
-    @property
-    def context(self) -> IngestContext:
-        assert self._context is not None, "attach() first"
-        return self._context
-
     def attach(self, context: IngestContext) -> None:
-        self._context = context
+        super().attach(context)
         self.books.attach(context.ws)
 
     @property

@@ -120,6 +120,31 @@ class IngestHandler(Protocol):
     def summary(self) -> Mapping[str, Any]: ...
 
 
+class HandlerBase:
+    """What every handler shares: the context it is attached to, per-market freshness, no-op hooks."""
+
+    def __init__(self) -> None:
+        self._context: IngestContext | None = None
+        self.last_message_ms: dict[str, int] = {}
+
+    @property
+    def context(self) -> IngestContext:
+        assert self._context is not None, "attach() first"
+        return self._context
+
+    def attach(self, context: IngestContext) -> None:
+        self._context = context
+
+    def on_disconnect(self) -> None:
+        return None
+
+    async def tick(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
 @dataclass
 class IngestSummary:
     name: str

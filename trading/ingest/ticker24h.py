@@ -13,7 +13,7 @@ from typing import Any
 from trading.bus import SCHEMA_VERSION, STREAM_TICKER24H
 from trading.clock import now_ms
 from trading.exchange.models import PayloadError, Ticker24h
-from trading.ingest.runner import IngestContext, record_reconnect_window
+from trading.ingest.runner import HandlerBase, record_reconnect_window
 
 log = logging.getLogger(__name__)
 
@@ -21,23 +21,14 @@ CHANNEL = "ticker24h"
 FIELDS = ("open", "high", "low", "last", "volume", "volumeQuote", "bid", "bidSize", "ask", "askSize")
 
 
-class Ticker24hIngest:
+class Ticker24hIngest(HandlerBase):
     name = "ticker24h"
 
     def __init__(self) -> None:
-        self._context: IngestContext | None = None
+        super().__init__()
         self._markets: set[str] = set()
-        self.last_message_ms: dict[str, int] = {}
         self.rows = 0
         self.rejected = 0
-
-    @property
-    def context(self) -> IngestContext:
-        assert self._context is not None, "attach() first"
-        return self._context
-
-    def attach(self, context: IngestContext) -> None:
-        self._context = context
 
     async def set_markets(self, added: tuple[str, ...], removed: tuple[str, ...]) -> None:
         self._markets.update(added)
@@ -83,15 +74,6 @@ class Ticker24hIngest:
     async def on_connect(self) -> None:
         record_reconnect_window(self.context.ws, self.context.ledger, self.context.metrics, CHANNEL,
                                 tuple(sorted(self._markets)))
-
-    def on_disconnect(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    async def tick(self) -> None:
-        return None
 
     def summary(self) -> Mapping[str, Any]:
         return {"rows": self.rows, "rejected": self.rejected}
