@@ -18,6 +18,7 @@ rejected (`PayloadError`) and the book resyncs from a snapshot.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import Enum
@@ -197,8 +198,12 @@ class BookSync:
             raise
         return UpdateOutcome.APPLIED
 
-    def on_snapshot(self, snapshot: BookSnapshot) -> bool:
+    def on_snapshot(self, snapshot: BookSnapshot,
+                    on_replayed: Callable[[dict[str, Any]], None] | None = None) -> bool:
         """Load a snapshot and replay buffered events after it. True when the book is live.
+
+        `on_replayed(frame)` is called after each buffered event is applied, with the book in the
+        state that event produced (so a recorder can emit it exactly as a live update).
 
         False means the buffered events do not continue the snapshot (the snapshot is older
         than the first buffered event, the buffer has a hole, or a buffered event is
@@ -221,6 +226,8 @@ class BookSync:
                 self._buffer.extend(pending[position + 1:])
                 self.state = SyncState.AWAITING_SNAPSHOT
                 return False
+            if on_replayed is not None:
+                on_replayed(frame)
             expected += 1
         self.state = SyncState.LIVE
         return True

@@ -76,8 +76,14 @@ async def test_orderbook_ingest_streams_lake_and_top_of_book(sim_factory: Callab
     updates = lake_rows(tmp_path, "orderbook/update")
     tops = lake_rows(tmp_path, "orderbook/top")
     assert len(updates) == len(tops) == summary.handler["applied"]
-    assert {r["reason"] for r in lake_rows(tmp_path, "orderbook/snapshot")} >= {"start"}
+    snapshots = lake_rows(tmp_path, "orderbook/snapshot")
+    assert {r["reason"] for r in snapshots} == {"start"}
     assert all(r["recv_ts"] >= r["ts"] - 5_000 for r in tops)
+    for market in MARKETS.split(","):
+        # No hole: the updates continue the start snapshot nonce by nonce, buffered ones included.
+        start = next(int(str(r["nonce"])) for r in snapshots if r["market"] == market)
+        nonces = [int(str(r["nonce"])) for r in updates if r["market"] == market]
+        assert nonces == list(range(start + 1, start + 1 + len(nonces)))
 
 
 async def test_gaps_and_reconnects_land_in_the_ledger_and_the_book_heals(sim_factory: Callable[..., SimHandle],

@@ -113,3 +113,13 @@ def test_malformed_event_in_the_buffer_makes_the_snapshot_unusable() -> None:
     assert not sync.on_snapshot(snap(5, [("1", "1")], [("2", "1")]))
     assert sync.malformed == 1
     assert sync.on_snapshot(snap(7, [("1", "1")], [("2", "1")]))
+
+
+def test_replayed_events_are_reported_with_the_book_they_produced() -> None:
+    sync = BookSync("BTC-EUR")
+    sync.on_update(upd(11, bids=(("100", "2"),)))
+    sync.on_update(upd(12, bids=(("101", "1"),)))
+    tops: list[tuple[int, object]] = []
+    assert sync.on_snapshot(snap(10, [("100", "1")], [("102", "1")]),
+                            lambda frame: tops.append((frame["nonce"], sync.book.best_bid())))
+    assert tops == [(11, (D(100), D(2))), (12, (D(101), D(1)))]

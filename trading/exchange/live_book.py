@@ -20,7 +20,7 @@ from trading.backoff import Backoff
 from trading.book import BookBufferOverflowError, BookSync, Gap, UpdateOutcome
 from trading.clock import now_ms
 from trading.exchange.errors import BitvavoError, RateLimitBannedError
-from trading.exchange.models import BookSnapshot, PayloadError
+from trading.exchange.models import BookSnapshot, Level, PayloadError
 from trading.exchange.ws import BitvavoWebSocket
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,20 @@ class LiveBookStats:
     snapshot_failures: int = 0
 
 
+# (sync, frame, best bid, best ask after the frame)
+AppliedHandler = Callable[[BookSync, dict[str, Any], Level | None, Level | None], None]
+
+
+def _recorder(sync: BookSync, into: list[tuple[dict[str, Any], Level | None, Level | None]]
+              ) -> Callable[[dict[str, Any]], None]:
+    """Remembers each replayed frame with the top of book it produced."""
+    def record(frame: dict[str, Any]) -> None:
+        into.append((frame, sync.book.best_bid(), sync.book.best_ask()))
+    return record
+
+
 class LiveBooks:
-    def __init__(self, markets: list[str], *, on_applied: Callable[[BookSync, dict[str, Any]], None] | None = None,
+    def __init__(self, markets: list[str], *, on_applied: AppliedHandler | None = None,
                  on_gap: Callable[[Gap], None] | None = None,
                  on_snapshot: Callable[[BookSync, BookSnapshot], None] | None = None) -> None:
         self.syncs: dict[str, BookSync] = {m: BookSync(m) for m in markets}
@@ -92,7 +104,7 @@ class LiveBooks:
         if outcome is UpdateOutcome.APPLIED:
             self.stats.applied += 1
             if self._on_applied is not None:
-                self._on_applied(sync, frame)
+                self._on_applied(sync, frame, sync.book.best_bid(), sync.book.best_ask())
             return
         if outcome is UpdateOutcome.GAP and sync.last_gap is not None:
             log.info("book gap on %s: expected nonce %d, got %d; resyncing", sync.market,
@@ -132,9 +144,16 @@ class LiveBooks:
                     await asyncio.sleep(backoff.next_delay())
                     continue
                 self.stats.snapshots += 1
-                if sync.on_snapshot(snapshot):
+                replayed: list[tuple[dict[str, Any], Level | None, Level | None]] = []
+                if sync.on_snapshot(snapshot, _recorder(sync, replayed)):
+                    # The snapshot first, then the buffered updates it was followed by: the
+                    # record has no hole between the snapshot's nonce and the first live update.
                     if self._on_snapshot is not None:
                         self._on_snapshot(sync, snapshot)
+                    self.stats.applied += len(replayed)
+                    if self._on_applied is not None:
+                        for frame, bid, ask in replayed:
+                            self._on_applied(sync, frame, bid, ask)
                     return
                 self.stats.stale_snapshots += 1
         finally:

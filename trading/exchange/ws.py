@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 Channel = tuple[str, str | None]  # (name, interval) — interval only for candles
 DisconnectHook = Callable[[], None]
+# Called after every stream event; when it returns an awaitable the reader awaits it before
+# reading on (the consumer's backpressure: e.g. "flush, I have too much pending").
+FlowControl = Callable[[], Awaitable[None] | None]
 
 # Actions whose effect is not safe to assume either way when the reply is lost.
 _UNSAFE_ACTIONS = frozenset({"privateCreateOrder", "privateUpdateOrder", "privateCancelOrder",
@@ -69,7 +72,8 @@ class BitvavoWebSocket:
     def __init__(self, url: str, *, on_event: EventHandler, api_key: SecretStr | None = None,
                  api_secret: SecretStr | None = None, governor: RateGovernor | None = None,
                  on_error_frame: EventHandler | None = None, on_connect: ConnectHook | None = None,
-                 on_disconnect: DisconnectHook | None = None, backoff: Backoff | None = None,
+                 on_disconnect: DisconnectHook | None = None, flow_control: FlowControl | None = None,
+                 backoff: Backoff | None = None,
                  silence_timeout_s: float = 30.0, heartbeat_s: float = 20.0, request_timeout_s: float = 10.0,
                  access_window_ms: int = 10_000, clock_offset_ms: int = 0) -> None:
         self.url = url
@@ -77,6 +81,7 @@ class BitvavoWebSocket:
         self._on_error_frame = on_error_frame
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
+        self._flow_control = flow_control
         self._api_key = api_key
         self._api_secret = api_secret
         self._governor = governor
@@ -244,6 +249,10 @@ class BitvavoWebSocket:
             message = await ws.receive()
             if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                 self._dispatch(message.data)
+                if self._flow_control is not None:
+                    pause = self._flow_control()
+                    if pause is not None:
+                        await pause
                 # A connection that stayed up a while earns a fresh backoff.
                 if self.backoff.attempt and asyncio.get_running_loop().time() - started > 10:
                     self.backoff.reset()

@@ -105,7 +105,7 @@ class OrderbookIngest(HandlerBase):
 
     # LiveBooks callbacks -----------------------------------------------------------------------
 
-    def _on_applied(self, sync: BookSync, frame: dict[str, Any]) -> None:
+    def _on_applied(self, sync: BookSync, frame: dict[str, Any], bid: Level | None, ask: Level | None) -> None:
         recv_ts = now_ms()
         timestamp = frame.get("timestamp")
         ts = timestamp // 1_000_000 if type(timestamp) is int else recv_ts
@@ -115,7 +115,6 @@ class OrderbookIngest(HandlerBase):
         sink.emit(UPDATE_CHANNEL, {"v": SCHEMA_VERSION, "ts": ts, "recv_ts": recv_ts, "market": market,
                                    "nonce": nonce, "bids": frame.get("bids", []), "asks": frame.get("asks", [])},
                   STREAM_ORDERBOOK_UPDATE)
-        bid, ask = sync.book.best_bid(), sync.book.best_ask()
         top: dict[str, Any] = {"v": SCHEMA_VERSION, "ts": ts, "recv_ts": recv_ts, "market": market, "nonce": nonce}
         if bid is not None:
             top["bid"], top["bid_size"] = format_decimal(bid[0]), format_decimal(bid[1])

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,9 +41,15 @@ log = logging.getLogger(__name__)
 
 
 class IngestSink:
-    """Rows buffered per lake channel (and stream); `flush()` writes the lake, then Redis."""
+    """Rows buffered per lake channel (and stream); `flush()` writes the lake, then Redis.
 
-    def __init__(self, lake_root: Path, publisher: StreamPublisher, *, fsync: bool = False) -> None:
+    `backpressure()` is the socket reader's flow control: above `high_water` pending rows it
+    returns a flush for the reader to await, so a feed faster than Redis slows the reader down
+    instead of growing memory without bound. Flushes are serialised to keep stream order.
+    """
+
+    def __init__(self, lake_root: Path, publisher: StreamPublisher, *, fsync: bool = False,
+                 high_water: int = 5_000) -> None:
         self._lake_root = lake_root
         self._publisher = publisher
         self._fsync = fsync
@@ -52,25 +58,34 @@ class IngestSink:
         self._entries: list[tuple[str, dict[str, Any]]] = []
         self.rows_written = 0
         self.streams: set[str] = set()
+        self.high_water = high_water
+        self._pending_rows = 0
+        self._flush_lock = asyncio.Lock()
 
     def emit(self, lake_channel: str, row: dict[str, Any], stream: str | None = None) -> None:
+        self._pending_rows += 1
         self._rows[lake_channel].append(row)
         if stream is not None:
             self._entries.append((stream, row))
             self.streams.add(stream)
 
+    def backpressure(self) -> Awaitable[None] | None:
+        return self.flush() if self._pending_rows >= self.high_water else None
+
     async def flush(self) -> None:
-        rows, self._rows = self._rows, defaultdict(list)
-        entries, self._entries = self._entries, []
-        for channel, batch in rows.items():
-            writer = self._writers.get(channel)
-            if writer is None:
-                writer = self._writers[channel] = LakeWriter(self._lake_root, channel, fsync=self._fsync)
-            self.rows_written += writer.write_batch(batch)
-        publish = self._publisher.publish
-        for stream, row in entries:
-            await publish(stream, row)
-        await self._publisher.flush()
+        async with self._flush_lock:
+            rows, self._rows = self._rows, defaultdict(list)
+            entries, self._entries = self._entries, []
+            self._pending_rows = 0
+            for channel, batch in rows.items():
+                writer = self._writers.get(channel)
+                if writer is None:
+                    writer = self._writers[channel] = LakeWriter(self._lake_root, channel, fsync=self._fsync)
+                self.rows_written += writer.write_batch(batch)
+            publish = self._publisher.publish
+            for stream, row in entries:
+                await publish(stream, row)
+            await self._publisher.flush()
 
     def close(self) -> None:
         for writer in self._writers.values():
@@ -198,7 +213,8 @@ async def run_ingest(handler: IngestHandler, settings: Settings, *, redis_url: s
         ledger = GapLedger(settings.parquet_dir)
         governor = shared_governor("ip:" + settings.bitvavo_rest_url)
         ws = BitvavoWebSocket(settings.bitvavo_ws_url, on_event=handler.on_event, on_connect=handler.on_connect,
-                              on_disconnect=handler.on_disconnect, governor=governor,
+                              on_disconnect=handler.on_disconnect, flow_control=sink.backpressure,
+                              governor=governor,
                               silence_timeout_s=ws_silence_timeout_s,
                               on_error_frame=lambda frame: log.warning("ingest %s: error frame %s", handler.name,
                                                                        frame))
