@@ -104,8 +104,16 @@ def _json_default(value: Any) -> Any:
 
 
 def _encode_value(key: str, value: Any) -> str:
-    if type(value) is str:
-        return value
+    kind = type(value)  # exact types first: the hot path (book update rows) is str, int and lists
+    if kind is str:
+        return value  # type: ignore[no-any-return]
+    if kind is int:
+        return str(value)
+    if kind is list:
+        try:
+            return orjson.dumps(value, default=_json_default).decode()
+        except TypeError as exc:
+            raise EntryEncodeError(f"field {key!r}: {exc}") from None
     if isinstance(value, Decimal):
         if not value.is_finite():
             raise EntryEncodeError(f"field {key!r}: {value} is not a finite decimal")

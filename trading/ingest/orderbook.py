@@ -44,6 +44,8 @@ class OrderbookIngest(HandlerBase):
         self._open_gaps: dict[str, tuple[int, Gap]] = {}
         self._last_periodic_ms = now_ms()
         self._parse_errors_seen = 0
+        self._message_counts: dict[str, int] = {}
+        self._lag_sample_ms: int | None = None
 
     def attach(self, context: IngestContext) -> None:
         super().attach(context)
@@ -69,15 +71,11 @@ class OrderbookIngest(HandlerBase):
     def on_event(self, frame: dict[str, Any]) -> None:
         if frame.get("event") != "book":
             return
-        metrics = self.context.metrics
         market = frame.get("market")
         if isinstance(market, str) and market in self.books.syncs:
-            metrics.messages("book", market).inc()
+            self._message_counts[market] = self._message_counts.get(market, 0) + 1
             self.last_message_ms[market] = now_ms()
         self.books.on_book_event(frame)
-        if self.books.stats.parse_errors != self._parse_errors_seen:
-            metrics.parse_errors("book").inc(self.books.stats.parse_errors - self._parse_errors_seen)
-            self._parse_errors_seen = self.books.stats.parse_errors
 
     async def on_connect(self) -> None:
         record_reconnect_window(self.context.ws, self.context.ledger, self.context.metrics, UPDATE_CHANNEL,
@@ -90,6 +88,17 @@ class OrderbookIngest(HandlerBase):
         self.books.reset_all()  # cancels snapshot fetches in flight
 
     async def tick(self) -> None:
+        # Prometheus per flush, not per message: counts add up, lag is the latest sample.
+        metrics = self.context.metrics
+        for market, count in self._message_counts.items():
+            metrics.messages("book", market).inc(count)
+        self._message_counts.clear()
+        if self._lag_sample_ms is not None:
+            metrics.lag("book").observe(max(self._lag_sample_ms, 0) / 1000)
+            self._lag_sample_ms = None
+        if self.books.stats.parse_errors != self._parse_errors_seen:
+            metrics.parse_errors("book").inc(self.books.stats.parse_errors - self._parse_errors_seen)
+            self._parse_errors_seen = self.books.stats.parse_errors
         now = now_ms()
         if now - self._last_periodic_ms < self.snapshot_every_ms:
             return
@@ -121,8 +130,7 @@ class OrderbookIngest(HandlerBase):
         if ask is not None:
             top["ask"], top["ask_size"] = format_decimal(ask[0]), format_decimal(ask[1])
         sink.emit(TOP_CHANNEL, top, STREAM_BOOK)
-        metrics = self.context.metrics
-        metrics.lag("book").observe(max(recv_ts - ts, 0) / 1000)
+        self._lag_sample_ms = recv_ts - ts
 
     def _on_gap(self, gap: Gap) -> None:
         now = now_ms()
