@@ -45,6 +45,7 @@ class OrderbookIngest(HandlerBase):
         self._last_periodic_ms = now_ms()
         self._parse_errors_seen = 0
         self._message_counts: dict[str, int] = {}
+        self._top_cache: dict[str, tuple[Level | None, Level | None, dict[str, str]]] = {}
         self._lag_sample_ms: int | None = None
 
     def attach(self, context: IngestContext) -> None:
@@ -125,12 +126,22 @@ class OrderbookIngest(HandlerBase):
                                    "nonce": nonce, "bids": frame.get("bids", []), "asks": frame.get("asks", [])},
                   STREAM_ORDERBOOK_UPDATE)
         top: dict[str, Any] = {"v": SCHEMA_VERSION, "ts": ts, "recv_ts": recv_ts, "market": market, "nonce": nonce}
-        if bid is not None:
-            top["bid"], top["bid_size"] = format_decimal(bid[0]), format_decimal(bid[1])
-        if ask is not None:
-            top["ask"], top["ask_size"] = format_decimal(ask[0]), format_decimal(ask[1])
+        top.update(self._top_fields(market, bid, ask))
         sink.emit(TOP_CHANNEL, top, STREAM_BOOK)
         self._lag_sample_ms = recv_ts - ts
+
+    def _top_fields(self, market: str, bid: Level | None, ask: Level | None) -> dict[str, str]:
+        """The top of book as contract strings; most updates leave it unchanged, so reuse the last."""
+        cached = self._top_cache.get(market)
+        if cached is not None and cached[0] == bid and cached[1] == ask:
+            return cached[2]
+        fields: dict[str, str] = {}
+        if bid is not None:
+            fields["bid"], fields["bid_size"] = format_decimal(bid[0]), format_decimal(bid[1])
+        if ask is not None:
+            fields["ask"], fields["ask_size"] = format_decimal(ask[0]), format_decimal(ask[1])
+        self._top_cache[market] = (bid, ask, fields)
+        return fields
 
     def _on_gap(self, gap: Gap) -> None:
         now = now_ms()
