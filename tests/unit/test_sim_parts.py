@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 
+from tests.unit.test_signing import VECTORS  # spec §1.2 vectors (secret "bitvavo", ts 1548172481125)
 from trading.exchange.errors import BitvavoError
 from trading.exchange.intervals import CANDLE_INTERVALS as INTERVALS
 from trading.exchange.intervals import bucket_start
@@ -87,13 +88,6 @@ def test_rate_limiter_window_ban_and_reset() -> None:
 
 
 SPEC_KEY = ApiKey("k" * 64, "bitvavo")
-VECTORS = [  # spec §1.2 test vectors (secret "bitvavo", timestamp 1548172481125)
-    ("POST", "/v2/order", '{"market":"BTC-EUR","side":"buy","price":"5000","amount":"1.23","orderType":"limit"}',
-     "44d022723a20973a18f7ee97398b9fdd405d2d019c8d39e24b8cc0dcb39ca016"),
-    ("GET", "/v2/time", "", "3a87fd70063567070f4c6c3865337ec9a17fd080178e6ec963dc07bbd45645d1"),
-    ("GET", "/v2/order?market=BTC-EUR&orderId=ff403e21-e270-4584-bc9e-9c4b18461465", "",
-     "f1a650464c7261dc92b4b28f8320852152b322ed88180c580a5f0d268f553fb2"),
-]
 
 
 @pytest.mark.parametrize(("method", "path", "body", "sig"), VECTORS)
