@@ -12,6 +12,7 @@ the lease stops the work.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import socket
@@ -25,6 +26,8 @@ import redis.asyncio
 
 from trading.clock import now_ms
 
+log = logging.getLogger(__name__)
+
 LEASE_KEY_PREFIX = "lease:"
 
 # Returns the fencing token on success, or {current value, its PTTL} when someone holds it.
@@ -34,9 +37,16 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
 """
+# 1: extended. 2: the key had vanished (Redis restarted without persistence, or it expired
+# with nobody taking it) and is ours again. 0: someone else holds it.
 _RENEW_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not current and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 2
 end
 return 0
 """
@@ -142,13 +152,19 @@ class RedisLease:
         return _holder_from_value(value) if value is not None else None
 
     async def renew(self) -> bool:
-        """Extend the TTL; False when the lease is no longer ours (expired, taken, released)."""
+        """Extend the TTL; False when someone else holds the lease (or we released it).
+
+        A lease key that vanished while nobody else took it (a Redis restart without persistence)
+        is taken back: no other holder exists at that moment, so the loop may go on.
+        """
         if self._value is None:
             return False
-        renewed = bool(await self._renew(keys=[self._key], args=[self._value, self.ttl_ms]))
-        if not renewed:
+        outcome = int(await self._renew(keys=[self._key], args=[self._value, self.ttl_ms]))
+        if outcome == 0:
             self._forget()
-        return renewed
+        elif outcome == 2:
+            log.warning("lease %r had vanished (Redis restarted or lost data?) and was taken back", self.name)
+        return outcome != 0
 
     async def release(self) -> bool:
         """Delete the lease if it is still ours; False when it was not."""

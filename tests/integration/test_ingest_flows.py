@@ -103,7 +103,8 @@ async def test_redis_restart_mid_run_loses_nothing_in_the_lake(sim_factory: Call
     try:
         sim = sim_factory(markets="BTC-EUR", book_rate=40)
         ingest_env(monkeypatch, sim, server.url, tmp_path, markets="BTC-EUR")
-        run = asyncio.create_task(ingest_orderbook(duration_s=9, metrics_port=0))
+        # After the outage the publisher retries within its backoff cap (5 s): leave it 9 s after the restart.
+        run = asyncio.create_task(ingest_orderbook(duration_s=14, metrics_port=0))
         await asyncio.sleep(2.5)
         server.stop()
         await asyncio.sleep(2.0)

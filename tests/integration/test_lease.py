@@ -86,6 +86,17 @@ async def test_an_expired_lease_is_lost_and_cannot_be_renewed_or_released(client
     assert await taker.holder() is not None  # the stale holder did not delete the new one's lease
 
 
+async def test_a_lease_that_vanished_with_nobody_else_holding_it_is_taken_back(client: redis.asyncio.Redis) -> None:
+    lease = RedisLease(client, "ingest", ttl_ms=5000)
+    held = await lease.acquire()
+    await client.flushdb()                     # what a Redis restart without persistence leaves
+    assert await lease.renew() is True
+    assert lease.lease == held
+    other = RedisLease(client, "ingest", ttl_ms=5000)
+    with pytest.raises(LeaseHeldError):
+        await other.acquire()                  # it is really held again
+
+
 async def test_release_by_a_stale_token_leaves_the_new_holder_alone(client: redis.asyncio.Redis) -> None:
     stale = RedisLease(client, "core", ttl_ms=150)
     await stale.acquire()
