@@ -41,7 +41,6 @@ SCHEMA_VERSION = 1
 STREAM_TICKER24H = "bitvavo:ticker24h"
 STREAM_BOOK = "bitvavo:book"
 STREAM_ORDERBOOK_UPDATE = "bitvavo:orderbook:update"
-DEFAULT_SIGNAL_STREAM = "signals:baseline"  # the SIGNAL_STREAM setting's default
 ORDERS_SHADOW = "orders:shadow"
 ORDERS_EXECUTED = "orders:executed"
 TRADING_EVENTS = "trading:events"

@@ -24,6 +24,7 @@ MARKET_PATTERN = re.compile(r"^[A-Z0-9]{1,12}-(EUR|USDC)$")
 STREAM_NAME_PATTERN = re.compile(r"^[A-Za-z0-9:_\-.]{1,128}$")
 DEFAULT_REST_URL = "https://api.bitvavo.com/v2"
 DEFAULT_WS_URL = "wss://ws.bitvavo.com/v2/"
+DEFAULT_SIGNAL_STREAM = "signals:baseline"
 DEFAULT_MARKETS = ("BTC-EUR", "ETH-EUR", "XRP-EUR", "SOL-EUR", "ADA-EUR")
 
 
@@ -124,7 +125,7 @@ class Settings:
     parquet_dir: Path = Path("var/lake")
     ingest_markets: tuple[str, ...] | None = None
     dry_run: bool = True
-    signal_stream: str = "signals:baseline"
+    signal_stream: str = DEFAULT_SIGNAL_STREAM
     stream_maxlen: int = 100_000
     # Risk limits (EUR); the trading core refuses intents beyond them.
     max_notional_per_order: Decimal = Decimal("250")

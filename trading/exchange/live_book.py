@@ -22,6 +22,7 @@ from trading.clock import now_ms
 from trading.exchange.errors import BitvavoError, RateLimitBannedError
 from trading.exchange.models import BookSnapshot, Level, PayloadError
 from trading.exchange.ws import BitvavoWebSocket
+from trading.log_sampling import worth_logging
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,9 @@ class LiveBooks:
             outcome = sync.on_update(frame)
         except PayloadError as exc:
             self.stats.parse_errors += 1
-            log.warning("rejected book event on %s (book resyncs): %s", sync.market, exc)
+            if worth_logging(self.stats.parse_errors):
+                log.warning("rejected book event on %s (book resyncs; %d rejected so far): %s", sync.market,
+                            self.stats.parse_errors, exc)
             self._ensure_snapshot(sync.market)
             return
         except BookBufferOverflowError as exc:

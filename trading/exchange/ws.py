@@ -32,6 +32,7 @@ from trading.exchange.errors import BitvavoError, OutcomeUncertainError, RateLim
 from trading.exchange.governor import RateGovernor
 from trading.exchange.signing import websocket_signature
 from trading.exchange.weights import ws_action_weight
+from trading.log_sampling import worth_logging
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ class BitvavoWebSocket:
                 except Exception:
                     # A consumer bug must not take market data down with it: count, log, read on.
                     self.stats.handler_errors += 1
-                    if self.stats.handler_errors == 1 or self.stats.handler_errors % 1000 == 0:
+                    if worth_logging(self.stats.handler_errors):
                         log.exception("websocket event handler failed (%d so far)", self.stats.handler_errors)
             return
         request_id = frame.get("requestId")
