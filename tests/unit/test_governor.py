@@ -64,3 +64,18 @@ def test_headers_from_the_previous_minute_do_not_charge_the_new_one() -> None:
     assert governor.state().used == 0
     governor.observe_headers(remaining=990, reset_at_ms=180_000)
     assert governor.state().used == 10
+
+
+def test_one_budget_per_key_or_per_host() -> None:
+    from pydantic import SecretStr
+
+    from trading.exchange.governor import budget_identity, shared_governor
+    from trading.exchange.rest import BitvavoRest
+
+    assert budget_identity("https://api.bitvavo.com/v2") == budget_identity("https://api.bitvavo.com/v2/")
+    key = SecretStr("k" * 64)
+    assert budget_identity("https://api.bitvavo.com/v2", key).startswith("key:")
+    assert "k" * 16 not in budget_identity("https://api.bitvavo.com/v2", key)       # never the key itself
+    # The ingest runner and an unsigned REST client towards the same host share one budget.
+    rest = BitvavoRest("http://127.0.0.1:9/v2")
+    assert rest.governor is shared_governor(budget_identity("http://127.0.0.1:9/v2"))

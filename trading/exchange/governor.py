@@ -11,10 +11,14 @@ never starve an order cancel.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from pydantic import SecretStr
 
 from trading.clock import now_ms
 from trading.exchange.errors import RateLimitBannedError, ban_message
@@ -125,8 +129,15 @@ _registry: dict[str, RateGovernor] = {}
 _registry_lock = threading.Lock()
 
 
+def budget_identity(rest_url: str, api_key: SecretStr | None = None) -> str:
+    """Who Bitvavo charges: the API key when calls are signed, else our IP towards that host."""
+    if api_key is not None:
+        return "key:" + hashlib.sha256(api_key.get_secret_value().encode()).hexdigest()[:16]
+    return "ip:" + (urlsplit(rest_url).hostname or rest_url)
+
+
 def shared_governor(identity: str) -> RateGovernor:
-    """The process-wide governor for one budget owner (an API key fingerprint, or 'ip:<url>')."""
+    """The process-wide governor for one budget owner (see `budget_identity`)."""
     with _registry_lock:
         governor = _registry.get(identity)
         if governor is None:

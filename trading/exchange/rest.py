@@ -15,7 +15,6 @@ call raises `OutcomeUncertainError`: look the order up by clientOrderId, never r
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 import uuid
@@ -38,7 +37,7 @@ from trading.exchange.errors import (
     RateLimitBannedError,
     error_from_payload,
 )
-from trading.exchange.governor import RateGovernor, shared_governor
+from trading.exchange.governor import RateGovernor, budget_identity, shared_governor
 from trading.exchange.models import BookSnapshot, Candle, Order, PayloadError
 from trading.exchange.signing import compact_body, signature
 from trading.exchange.weights import rest_template, rest_weight
@@ -108,9 +107,7 @@ class BitvavoRest:
         self._api_key = api_key
         self._api_secret = api_secret
         self.operator_id = operator_id
-        identity = ("key:" + hashlib.sha256(api_key.get_secret_value().encode()).hexdigest()[:16]
-                    if api_key is not None else "ip:" + (urlsplit(self.rest_url).hostname or ""))
-        self.governor = governor or shared_governor(identity)
+        self.governor = governor or shared_governor(budget_identity(self.rest_url, api_key))
         self.timeout_s = timeout_s
         self.access_window_ms = access_window_ms
         self.max_retries = max_retries

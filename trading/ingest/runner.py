@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 from trading.bus import StreamPublisher
 from trading.clock import now_ms
 from trading.config import Settings
-from trading.exchange.governor import RateGovernor, shared_governor
+from trading.exchange.governor import RateGovernor, budget_identity, shared_governor
 from trading.exchange.ws import BitvavoWebSocket
 from trading.gaps import GapKind, GapLedger, GapRecord
 from trading.ingest.markets import UniverseWatcher, select_markets
@@ -211,7 +211,7 @@ async def run_ingest(handler: IngestHandler, settings: Settings, *, redis_url: s
         publisher = StreamPublisher(redis_url, maxlen=settings.stream_maxlen)
         sink = IngestSink(settings.parquet_dir, publisher)
         ledger = GapLedger(settings.parquet_dir)
-        governor = shared_governor("ip:" + settings.bitvavo_rest_url)
+        governor = shared_governor(budget_identity(settings.bitvavo_rest_url))  # ingest calls are unsigned
         ws = BitvavoWebSocket(settings.bitvavo_ws_url, on_event=handler.on_event, on_connect=handler.on_connect,
                               on_disconnect=handler.on_disconnect, flow_control=sink.backpressure,
                               governor=governor,
