@@ -47,6 +47,8 @@ TRADING_EVENTS = "trading:events"
 KEY_KILL = "trading:kill"
 KEY_PNL = "trading:pnl"
 KEY_UNIVERSE = "trading:universe"
+KEY_TRADING_STATE = "trading:state"  # string: active (default when unset) / reduce-only / halted
+KEY_GOLIVE = "trading:golive"  # hash: the latest go-live decision (trading/golive.py)
 
 
 def stream_candles(interval: str) -> str:
@@ -82,6 +84,25 @@ ORDERBOOK_UPDATE_SCHEMA: Schema = {
 CANDLE_SCHEMA: Schema = {
     "market": FieldKind.STR, "interval": FieldKind.STR, "open_ts": FieldKind.INT,
     "open": _DEC, "high": _DEC, "low": _DEC, "close": _DEC, "volume": _DEC,
+}
+
+SIGNAL_SCHEMA: Schema = {
+    "signal_id": FieldKind.STR, "market": FieldKind.STR, "side": FieldKind.STR, "strength": _DEC,
+    "reason": FieldKind.STR, "ref_price": _DEC, "spread_bps": _DEC, "volatility": _DEC, "strategy": FieldKind.STR,
+}
+INTENT_SCHEMA: Schema = {
+    "intent_id": FieldKind.STR, "signal_id": FieldKind.STR, "market": FieldKind.STR, "side": FieldKind.STR,
+    "order_type": FieldKind.STR, "amount": _DEC, "amount_quote": _DEC, "price": _DEC,
+    "time_in_force": FieldKind.STR, "dry_run": FieldKind.BOOL, "notional": _DEC, "reduce_only": FieldKind.BOOL,
+}
+EXECUTION_SCHEMA: Schema = {
+    "intent_id": FieldKind.STR, "order_id": FieldKind.STR, "market": FieldKind.STR, "side": FieldKind.STR,
+    "status": FieldKind.STR, "filled_amount": _DEC, "filled_amount_quote": _DEC, "avg_price": _DEC, "fee": _DEC,
+    "fee_currency": FieldKind.STR, "dry_run": FieldKind.BOOL, "fills": FieldKind.JSON,
+}
+EVENT_SCHEMA: Schema = {
+    "type": FieldKind.STR, "severity": FieldKind.STR, "market": FieldKind.STR, "intent_id": FieldKind.STR,
+    "detail": FieldKind.JSON,
 }
 
 # The envelope every entry carries, whatever its stream.

@@ -73,6 +73,33 @@ def _positive_decimal(raw: str) -> Decimal:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError("allowed: an integer >= 0") from None
+    if value < 0:
+        raise ValueError("allowed: an integer >= 0")
+    return value
+
+
+def _window_size(raw: str) -> int:
+    value = _positive_int(raw)
+    if value < 2:
+        raise ValueError("allowed: an integer >= 2 (a volatility needs two samples)")
+    return value
+
+
+def _non_negative_decimal(raw: str) -> Decimal:
+    try:
+        value = parse_decimal(raw.strip())
+    except DecimalParseError:
+        raise ValueError("allowed: a decimal number >= 0 such as 0 or 2.5") from None
+    if value < 0:
+        raise ValueError("allowed: a decimal number >= 0 such as 0 or 2.5")
+    return value
+
+
 def _markets(raw: str) -> tuple[str, ...]:
     markets = tuple(m.strip() for m in raw.split(",") if m.strip())
     if not markets:
@@ -133,6 +160,13 @@ class Settings:
     max_exposure_total: Decimal = Decimal("5000")
     max_open_intents: int = 20
     max_daily_loss: Decimal = Decimal("250")
+    # Trading pipeline: the baseline strategy's thresholds, order sizing and guards.
+    signal_max_spread_bps: Decimal = Decimal("25")  # a signal needs a spread at most this wide
+    signal_min_volatility_bps: Decimal = Decimal("2")  # ... and rolling volatility at least this
+    signal_window: int = 30  # book samples in the rolling spread/volatility window
+    order_notional: Decimal = Decimal("50")  # EUR per intent before the guards
+    stale_book_ms: int = 5_000  # a book older than this blocks intents for its market
+    market_cooldown_ms: int = 30_000  # minimum time between two intents for one market
     # Exchange.
     bitvavo_rest_url: str = DEFAULT_REST_URL
     bitvavo_ws_url: str = DEFAULT_WS_URL
@@ -188,6 +222,12 @@ class Settings:
         read("MAX_EXPOSURE_TOTAL_EUR", "max_exposure_total", _positive_decimal)
         read("MAX_OPEN_INTENTS", "max_open_intents", _positive_int)
         read("MAX_DAILY_LOSS_EUR", "max_daily_loss", _positive_decimal)
+        read("SIGNAL_MAX_SPREAD_BPS", "signal_max_spread_bps", _positive_decimal)
+        read("SIGNAL_MIN_VOLATILITY_BPS", "signal_min_volatility_bps", _non_negative_decimal)
+        read("SIGNAL_WINDOW", "signal_window", _window_size)
+        read("ORDER_NOTIONAL_EUR", "order_notional", _positive_decimal)
+        read("STALE_BOOK_MS", "stale_book_ms", _positive_int)
+        read("MARKET_COOLDOWN_MS", "market_cooldown_ms", _non_negative_int)
         read("BITVAVO_REST_URL", "bitvavo_rest_url", _url(("http", "https")))
         read("BITVAVO_WS_URL", "bitvavo_ws_url", _url(("ws", "wss")))
         read("BITVAVO_OPERATOR_ID", "bitvavo_operator_id", _positive_int)

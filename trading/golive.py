@@ -1,0 +1,70 @@
+"""The live gate (design §3): live orders need a fresh GO decision and the kill switch off.
+
+The go-live flow writes its decision to the `trading:golive` hash (decision, decided_ms,
+valid_until_ms, operator, record); a NO-GO preflight or a kill switch closes the gate. The
+trading core and the executor ask `live_gate()` before every live intent or order, so a gate
+that closes stops live trading at the next order, without a restart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from trading.bus import KEY_GOLIVE, KEY_KILL
+
+DECISION_GO = "GO"
+DECISION_NO_GO = "NO-GO"
+
+
+@dataclass(frozen=True)
+class GateStatus:
+    open: bool
+    reason: str
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def gate_from_state(kill: Any, record: dict[Any, Any], now_ms: int) -> GateStatus:
+    """The gate given the kill key's value and the decision hash (pure: tests and preflight use it)."""
+    if kill is not None and _text(kill) == "1":
+        return GateStatus(False, "kill switch is on (trading:kill=1)")
+    fields = {_text(k): _text(v) for k, v in record.items()}
+    decision = fields.get("decision")
+    if decision is None:
+        return GateStatus(False, "no go-live decision recorded (run the go-live flow)")
+    if decision != DECISION_GO:
+        return GateStatus(False, f"latest go-live decision is {decision} ({fields.get('reason', 'no reason given')})")
+    try:
+        valid_until = int(fields.get("valid_until_ms", ""))
+    except ValueError:
+        return GateStatus(False, "go-live record has no valid_until_ms; run the go-live flow again")
+    if now_ms >= valid_until:
+        return GateStatus(False, f"go-live decision expired at {valid_until} ms; run the go-live flow again")
+    return GateStatus(True, f"GO by {fields.get('operator', '?')} valid until {valid_until} ms")
+
+
+async def live_gate(client: Any, now_ms: int) -> GateStatus:
+    """Read the kill switch and the latest decision in one round trip and judge the gate."""
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.get(KEY_KILL)
+        pipe.hgetall(KEY_GOLIVE)
+        kill, record = await pipe.execute()
+    return gate_from_state(kill, record, now_ms)
+
+
+async def record_decision(client: Any, *, decision: str, operator: str, reason: str, decided_ms: int,
+                          valid_for_ms: int, record: str = "") -> None:
+    """Replace the latest decision (the go-live flow; a NO-GO preflight closes the gate with it)."""
+    if decision not in (DECISION_GO, DECISION_NO_GO):
+        raise ValueError(f"decision must be {DECISION_GO} or {DECISION_NO_GO}, got {decision!r}")
+    if valid_for_ms <= 0:
+        raise ValueError("valid_for_ms must be positive")
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.delete(KEY_GOLIVE)
+        pipe.hset(KEY_GOLIVE, mapping={"decision": decision, "operator": operator, "reason": reason,
+                                       "decided_ms": decided_ms, "valid_until_ms": decided_ms + valid_for_ms,
+                                       "record": record})
+        await pipe.execute()
