@@ -20,6 +20,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType
+from prefect.states import Cancelling
 
 ACTIVE = [StateType.RUNNING, StateType.PENDING, StateType.CANCELLING]
 
@@ -41,6 +42,30 @@ async def start_idle_loops() -> list[str]:
     return sorted(started)
 
 
+
+
+async def cancel_loops() -> list[str]:
+    """Cancel the active runs of every loop (`make up` stopping): Cancelled runs are not restarted by
+    their triggers, and the next `make up` starts them again."""
+    cancelled: list[str] = []
+    async with get_client() as client:
+        loops = await client.read_deployments(
+            deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=["long-running"])))
+        runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[d.id for d in loops]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[*ACTIVE, StateType.SCHEDULED]))))
+        for run in runs:
+            if run.state_type in ACTIVE:
+                await client.set_flow_run_state(run.id, Cancelling(message="make up is stopping"), force=True)
+                cancelled.append(run.name)
+    return cancelled
+
+
 if __name__ == "__main__":
-    names = asyncio.run(start_idle_loops())
-    print("loops started: " + (", ".join(names) if names else "none (all already running)"))
+    import sys
+
+    if sys.argv[1:] == ["cancel"]:
+        print("loops cancelled: " + (", ".join(asyncio.run(cancel_loops())) or "none"))
+    else:
+        names = asyncio.run(start_idle_loops())
+        print("loops started: " + (", ".join(names) if names else "none (all already running)"))

@@ -12,6 +12,7 @@ Prefect database, so a backup of prefect.db holds no usable secret.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -35,6 +36,7 @@ VAR = ROOT / "var"
 BIN = Path(sys.executable).parent
 PREFECT_PORT = int(os.environ.get("PREFECT_PORT", "4200"))
 WORKER_LIMIT = 16  # seven loops + scheduled and ops flows, with room
+WORKER_CANCEL_GRACE_S = 12  # the worker polls for cancellations every 10 s
 
 
 def _child(args: Sequence[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen[str]:
@@ -136,6 +138,8 @@ def main() -> int:
     (VAR / "log").mkdir(parents=True, exist_ok=True)
     redis_server: EmbeddedRedis | None = None
     children: list[subprocess.Popen[str]] = []  # stopped in reverse order
+    worker: subprocess.Popen[str] | None = None
+    env = dict(os.environ)
     try:
         if settings.redis_url:
             redis_url = settings.redis_url
@@ -173,8 +177,9 @@ def main() -> int:
         _register_blocks(env, redis_url, settings)
         _prefect(env, "--no-prompt", "deploy", "--all")
         automations = _python(env, "-m", "deployments.automations")
-        children.append(_child([str(BIN / "prefect"), "worker", "start", "--pool", "local", "--limit",
-                                str(WORKER_LIMIT)], env, VAR / "log" / "prefect-worker.log"))
+        worker = _child([str(BIN / "prefect"), "worker", "start", "--pool", "local", "--limit", str(WORKER_LIMIT)],
+                        env, VAR / "log" / "prefect-worker.log")
+        children.append(worker)
         loops = _python(env, "-m", "deployments.loops")
         lines += ["pool       local (process), worker started (log var/log/prefect-worker.log)",
                   "deployed   every deployment in prefect.yaml (prefect deploy --all)",
@@ -191,6 +196,11 @@ def main() -> int:
         print(f"make up failed: {exc}", file=sys.stderr)
         return 1
     finally:
+        if worker is not None and worker.poll() is None:
+            # Cancelled (not crashed) runs are not restarted by their triggers; the worker then stops them.
+            with contextlib.suppress(RuntimeError):
+                print(_python(env, "-m", "deployments.loops", "cancel"), flush=True)
+                time.sleep(WORKER_CANCEL_GRACE_S)
         for child in reversed(children):  # worker, server, simulator
             stop_process(child, timeout_s=15)
         if redis_server is not None:
