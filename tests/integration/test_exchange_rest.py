@@ -178,3 +178,16 @@ def test_ban_caused_elsewhere_is_honoured_locally(sim_factory: Callable[..., Sim
     with pytest.raises(RateLimitBannedError):
         rest.markets()       # refused locally: the ban has two minutes to run
     assert sim.stats()["rate_limit"] == before
+
+
+def test_withdrawal_right_is_probed_without_moving_funds(sim_factory: Callable[..., SimHandle]) -> None:
+    sim = sim_factory(markets="BTC-EUR")
+    rest = client(sim)
+    try:
+        assert rest.key_can_withdraw() is False  # the simulator's default key is trade-only
+        balances_before = rest.balance()
+        sim.control(api_key_permissions=["view", "trade", "withdraw"])
+        assert rest.key_can_withdraw() is True
+        assert rest.balance() == balances_before
+    finally:
+        rest.close()

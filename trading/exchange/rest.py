@@ -291,3 +291,20 @@ class BitvavoRest:
 
     def fees(self, market: str | None = None) -> dict[str, Any]:
         return cast(dict[str, Any], self.sdk.fees(market))
+
+    def key_can_withdraw(self) -> bool:
+        """Whether this API key may withdraw funds, asked without moving any.
+
+        Bitvavo checks a key's permission (error 312) before it reads the request, so a withdrawal
+        of amount 0 to an empty address is answered 312 by a key without the right and with a
+        parameter error by a key that has it; neither can transfer anything.
+        """
+        try:
+            self.request("POST", "/withdrawal", {"symbol": "EUR", "amount": "0", "address": ""}, private=True)
+        except BitvavoError as exc:
+            if exc.error_code == 312:
+                return False
+            if exc.error_code in (300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 311):
+                raise  # the key itself is not usable: say so rather than guess
+            return True
+        return True

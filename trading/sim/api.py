@@ -300,6 +300,13 @@ class SimApi:
         return {"fees": {"taker": format_decimal(fees.taker), "maker": format_decimal(fees.maker),
                          "volume": self._volume()}}
 
+    def withdrawal(self, params: P.Params) -> dict[str, Any]:
+        """The simulator moves no funds: a key allowed to withdraw gets a parameter error, never a transfer."""
+        for name in ("symbol", "amount", "address"):
+            if params.get(name) is None:
+                raise P.required(name)
+        raise P.invalid("amount", params.get("amount"))
+
     def fees(self, params: P.Params) -> dict[str, Any]:
         self._optional_market(params)
         P.text(params, "quote", choices=("EUR", "USDC"))
@@ -368,6 +375,7 @@ ENDPOINTS: dict[tuple[str, str], Endpoint] = {(e.method, e.template): e for e in
     Endpoint("GET", "/trades", "privateGetTrades", "view", SimApi.own_trades),
     Endpoint("GET", "/account", "privateGetAccount", "view", SimApi.account),
     Endpoint("GET", "/account/fees", "privateGetFees", "view", SimApi.fees),
+    Endpoint("POST", "/withdrawal", "privateWithdrawAssets", "withdraw", SimApi.withdrawal),
     Endpoint("GET", "/balance", "privateGetBalance", "view", SimApi.balance),
     Endpoint("POST", "/cancelOrdersAfter", "privateCancelOrdersAfter", "trade", SimApi.cancel_orders_after),
 )}

@@ -23,7 +23,9 @@ KEY_LENGTH = 64
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 # What an API key may do: 'view' (account/order reads) and 'trade' (create/update/cancel).
-ALL_PERMISSIONS = frozenset({"view", "trade"})
+ALL_PERMISSIONS = frozenset({"view", "trade", "withdraw"})
+# A key made for trading has no withdrawal right, like the keys production should use.
+DEFAULT_PERMISSIONS = frozenset({"view", "trade"})
 KEY_STATES = ("active", "unconfirmed", "ipBlocked")
 
 
@@ -32,7 +34,7 @@ class ApiKey:
     key: str
     secret: str
     state: str = "active"  # unconfirmed -> 306, ipBlocked -> 307 (settable through the control API)
-    permissions: frozenset[str] = field(default=ALL_PERMISSIONS)
+    permissions: frozenset[str] = field(default=DEFAULT_PERMISSIONS)
 
 
 def auth_error(code: int) -> BitvavoError:
@@ -84,4 +86,4 @@ def verify(api_key: ApiKey, *, key: Any, timestamp: Any, sig: Any, window: Any, 
 def check_permission(api_key: ApiKey, needed: str | None) -> None:
     if needed is None or needed in api_key.permissions:
         return
-    raise auth_error(310 if needed == "trade" else 311)
+    raise auth_error({"trade": 310, "withdraw": 312}.get(needed, 311))
