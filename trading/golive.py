@@ -8,7 +8,10 @@ that closes stops live trading at the next order, without a restart.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from trading.bus import KEY_GOLIVE, KEY_KILL
@@ -68,3 +71,48 @@ async def record_decision(client: Any, *, decision: str, operator: str, reason: 
                                        "decided_ms": decided_ms, "valid_until_ms": decided_ms + valid_for_ms,
                                        "record": record})
         await pipe.execute()
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """A dated go-live decision, kept as markdown in the lake (`decisions/`) and backed up with it."""
+
+    decision: str
+    requested: str  # what the operator asked for; the decision is NO-GO when preflight said so
+    operator: str
+    participants: tuple[str, ...]
+    risks: str
+    reason: str
+    decided_ms: int
+    valid_until_ms: int
+    preflight_go: bool
+    preflight_rows: tuple[dict[str, str], ...]
+
+    def markdown(self) -> str:
+        decided = datetime.fromtimestamp(self.decided_ms / 1000, UTC).isoformat(timespec="seconds")
+        until = datetime.fromtimestamp(self.valid_until_ms / 1000, UTC).isoformat(timespec="seconds")
+        lines = [f"# Go-live decision: {self.decision}", "",
+                 f"- decided: {decided} (UTC)", f"- valid until: {until} (UTC)" if self.decision == DECISION_GO
+                 else "- valid until: not applicable (NO-GO)",
+                 f"- requested: {self.requested}", f"- operator: {self.operator}",
+                 f"- participants: {', '.join(self.participants) or '(none named)'}",
+                 f"- reason: {self.reason}", "", "## Risks", "", self.risks or "(none stated)", "",
+                 f"## Preflight: {'GO' if self.preflight_go else 'NO-GO'}", "",
+                 "| check | status | detail |", "|---|---|---|"]
+        lines += [f"| {r['check']} | {r['status']} | {r['detail'].replace('|', '/')} |" for r in self.preflight_rows]
+        return "\n".join(lines) + "\n"
+
+
+def write_record(parquet_dir: Path, record: DecisionRecord) -> Path:
+    """`<lake>/decisions/YYYY-MM-DD/go-live-HHMMSSZ.md`, written to a temp file, fsynced and renamed."""
+    stamp = datetime.fromtimestamp(record.decided_ms / 1000, UTC)
+    directory = parquet_dir / "decisions" / stamp.date().isoformat()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"go-live-{stamp:%H%M%S}Z.md"
+    temp = path.with_suffix(".md.tmp")
+    with open(temp, "w") as handle:
+        handle.write(record.markdown())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    return path

@@ -1,0 +1,65 @@
+"""`go-live`: the decision to trade live, with who, why and the risks, checked by preflight.
+
+The gate opens only when the operator asks for GO AND a live preflight run in this flow says
+GO; the decision record (markdown in `<lake>/decisions/`, plus an artifact) is written either
+way. A NO-GO ends the run Failed. The gate closes again when the record expires, when the kill
+switch is set, or when a later preflight says NO-GO.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import acreate_markdown_artifact
+
+from blocks.runtime import load_settings
+from flows.preflight import PreflightNoGo, preflight
+from trading.clock import now_ms
+from trading.golive import DECISION_GO, DECISION_NO_GO, DecisionRecord, record_decision, write_record
+from trading.kill_switch import require_operator
+from trading.redis_conn import async_client, redis_url
+
+
+class GoLiveRefused(RuntimeError):
+    """The decision is NO-GO; the message says why."""
+
+
+@flow(name="go-live")
+async def go_live(operator: str, reason: str, participants: list[str], risks: str, decision: str = DECISION_GO,
+                  valid_for_h: float = 12.0) -> dict[str, Any]:
+    """Record a go-live decision; the live gate opens only on GO with a GO preflight."""
+    require_operator(operator, reason)
+    if decision not in (DECISION_GO, DECISION_NO_GO):
+        raise ValueError(f"decision must be {DECISION_GO} or {DECISION_NO_GO}, got {decision!r}")
+    if not 0 < valid_for_h <= 24:
+        raise ValueError("valid_for_h must be in (0, 24]: a GO is re-decided at least daily")
+    logger = get_run_logger()
+    settings = await load_settings()
+    rows: list[dict[str, str]] = []
+    try:
+        checked = await preflight(live=True)
+        rows, preflight_go = checked["checks"], True
+    except PreflightNoGo as exc:
+        preflight_go = False
+        rows = [{"check": "preflight", "status": "FAIL", "detail": str(exc)}]
+    final = DECISION_GO if decision == DECISION_GO and preflight_go else DECISION_NO_GO
+    decided = now_ms()
+    valid_for_ms = int(valid_for_h * 3_600_000)
+    record = DecisionRecord(decision=final, requested=decision, operator=operator, participants=tuple(participants),
+                            risks=risks, reason=reason, decided_ms=decided, valid_until_ms=decided + valid_for_ms,
+                            preflight_go=preflight_go, preflight_rows=tuple(rows))
+    path = write_record(settings.parquet_dir, record)
+    with redis_url(settings) as url:
+        client = async_client(url)
+        try:
+            await record_decision(client, decision=final, operator=operator, reason=reason, decided_ms=decided,
+                                  valid_for_ms=valid_for_ms, record=str(path))
+        finally:
+            await client.aclose()
+    await acreate_markdown_artifact(key="go-live-decision", markdown=record.markdown(), description=final)
+    logger.info("go-live decision %s by %s (requested %s, preflight %s); record %s", final, operator, decision,
+                "GO" if preflight_go else "NO-GO", path)
+    if final != DECISION_GO:
+        raise GoLiveRefused(f"NO-GO: requested {decision}, preflight {'GO' if preflight_go else 'NO-GO'}")
+    return {"decision": final, "record": str(path), "valid_until_ms": record.valid_until_ms}

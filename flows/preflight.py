@@ -1,0 +1,172 @@
+"""`preflight`: the go-live checklist (trading/preflight.py), run on a schedule and by the go-live flow.
+
+Every check lands in a table artifact (`preflight-checklist`) and the verdict in a markdown
+artifact (`preflight-verdict`). A NO-GO closes the live gate (a NO-GO decision in
+`trading:golive`) and ends the run Failed, so it stands out in the run history.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowRunFilter,
+    FlowRunFilterDeploymentId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import FlowRunSort
+
+from blocks.runtime import load_settings
+from deployments.automations import zombie_automation
+from trading import preflight as pf
+from trading.bus import STREAM_BOOK, STREAM_TICKER24H
+from trading.clock import now_ms
+from trading.config import Settings
+from trading.exchange.rest import BitvavoRest
+from trading.golive import DECISION_NO_GO, record_decision
+from trading.redis_conn import async_client, redis_url
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("trading", "flows", "blocks", "deployments")
+# loop -> (metrics port, a family every healthy instance exports)
+LOOP_METRICS: dict[str, tuple[int, str]] = {
+    "ingest:ticker24h": (9611, "ingest_messages"), "ingest:orderbook": (9612, "ingest_messages"),
+    "ingest:candles": (9613, "ingest_messages"), "signal-engine": (9601, "trader_signal_engine_consumed"),
+    "trading-core": (9602, "trading_core_consumed"), "executor": (9603, "trader_executor_consumed"),
+    "pnl": (9604, "trader_pnl_consumed"),
+}
+MAINTENANCE_WINDOWS_H = {"lake-compaction": 26, "lake-rotation": 26, "backup": 26}
+
+
+async def _last_completed_ms(deployment_name: str) -> int | None:
+    async with get_client() as client:
+        deployments = await client.read_deployments(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment_name])))
+        if not deployments:
+            return None
+        runs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployments[0].id]),
+                                          state=FlowRunFilterState(type=FlowRunFilterStateType(
+                                              any_=[StateType.COMPLETED]))),
+            sort=FlowRunSort.END_TIME_DESC, limit=1)
+    end = runs[0].end_time if runs else None
+    return int(end.timestamp() * 1000) if end else None
+
+
+async def _orchestration() -> pf.CheckResult:
+    async with get_client() as client:
+        automations = [a.name for a in await client.read_automations() if a.enabled]
+        workers = await client.read_workers_for_work_pool("local")
+    recent = datetime.now(UTC) - timedelta(minutes=2)
+    online = sum(1 for w in workers if w.last_heartbeat_time and w.last_heartbeat_time > recent)
+    return pf.check_orchestration(automations, [zombie_automation().name], online)
+
+
+async def run_checklist(settings: Settings, url: str, *, live: bool, drill: bool, loops: list[str],
+                        stream_max_age_s: float, min_free_gb: float, lake_quiet_s: float,
+                        check_maintenance: bool) -> pf.Verdict:
+    now = now_ms()
+    checks: list[pf.CheckResult] = [pf.check_live_mode(settings.dry_run, live),
+                                    pf.check_compiles(ROOT, PACKAGES)]
+    client = async_client(url)
+    try:
+        redis_check = await pf.guarded("redis reachable, memory below 70%", pf.check_redis(client))
+        checks.append(redis_check)
+        redis_ok = redis_check.status is pf.Status.PASS or "used_memory" in redis_check.detail
+        if redis_ok:
+            checks += [
+                await pf.guarded("kill switch off", pf.check_kill_switch_off(client)),
+                await pf.guarded("loops running (leases held)", pf.check_loops_running(client, loops)),
+                await pf.guarded("ingest streams fresh", pf.check_streams_fresh(
+                    client, (STREAM_BOOK, STREAM_TICKER24H), int(stream_max_age_s * 1000), now)),
+                await pf.guarded("signal engine producing", pf.check_signal_engine(
+                    client, settings.signal_stream, STREAM_BOOK, max_lag=1000)),
+                await pf.guarded("trading core intents match the mode", pf.check_dry_run_intents(
+                    client, settings.dry_run)),
+            ]
+            if drill:
+                checks.append(await pf.guarded("kill-switch drill", pf.kill_switch_drill(
+                    client, settings.signal_stream), timeout_s=30))
+        else:
+            checks.append(pf.failed("redis-dependent checks", "not run: Redis is unreachable"))
+    finally:
+        await client.aclose()
+    endpoints = {loop: (f"http://{settings.metrics_host}:{port}/metrics", [family])
+                 for loop, (port, family) in LOOP_METRICS.items() if loop in loops}
+    checks.append(await pf.guarded("metrics endpoints", pf.check_metrics_endpoints(endpoints)))
+    checks.append(pf.check_lake(settings.parquet_dir, min_free_bytes=int(min_free_gb * 2**30),
+                                max_quiet_s=lake_quiet_s, now=now))
+    checks.append(await pf.guarded("automations and a worker", _orchestration()))
+    if check_maintenance:
+        for deployment, hours in MAINTENANCE_WINDOWS_H.items():
+            checks.append(pf.check_ran_within(f"{deployment} ran within {hours} h",
+                                              await _last_completed_ms(deployment), hours * 3_600_000, now))
+    checks.append(_credentials(settings, live))
+    return pf.Verdict("live" if live else "dry-run", tuple(checks))
+
+
+def _credentials(settings: Settings, live: bool) -> pf.CheckResult:
+    def can_withdraw() -> bool:
+        rest = BitvavoRest(settings.bitvavo_rest_url, api_key=settings.bitvavo_api_key,
+                           api_secret=settings.bitvavo_api_secret, operator_id=settings.bitvavo_operator_id)
+        try:
+            return rest.key_can_withdraw()
+        finally:
+            rest.close()
+
+    try:
+        return pf.check_credentials(settings.has_credentials, can_withdraw, live)
+    except Exception as exc:  # an unusable key is a failed check with the exchange's reason
+        return pf.failed("credentials present, no withdrawal right", f"{type(exc).__name__}: {exc}")
+
+
+@flow(name="preflight")
+async def preflight(live: bool = False, drill: bool = True, loops: list[str] | None = None,
+                    stream_max_age_s: float = 60.0, min_free_gb: float = 2.0, lake_quiet_s: float = 300.0,
+                    check_maintenance: bool = True) -> dict[str, Any]:
+    """The go-live checklist. `live=true` checks for live trading (DRY_RUN=false, credentials, no
+    withdrawal right); the default checks the dry-run stack. NO-GO fails the run."""
+    logger = get_run_logger()
+    settings = await load_settings()
+    selected = loops if loops is not None else list(LOOP_METRICS)
+    with redis_url(settings) as url:
+        verdict = await run_checklist(settings, url, live=live, drill=drill, loops=selected,
+                                      stream_max_age_s=stream_max_age_s, min_free_gb=min_free_gb,
+                                      lake_quiet_s=lake_quiet_s, check_maintenance=check_maintenance)
+        if not verdict.go:
+            await _close_gate(url, verdict)
+    await acreate_table_artifact(key="preflight-checklist", table=[c.row() for c in verdict.checks],
+                                 description=f"preflight {verdict.mode}: {'GO' if verdict.go else 'NO-GO'}")
+    await acreate_markdown_artifact(key="preflight-verdict", markdown=verdict.markdown(),
+                                    description="GO" if verdict.go else "NO-GO")
+    summary = {"go": verdict.go, "mode": verdict.mode, "failed": [c.name for c in verdict.failed],
+               "checks": [c.row() for c in verdict.checks]}
+    if not verdict.go:
+        raise PreflightNoGo(f"NO-GO ({verdict.mode}): " + "; ".join(f"{c.name}: {c.detail}" for c in verdict.failed))
+    logger.info("preflight %s: GO (%d checks)", verdict.mode, len(verdict.checks))
+    return summary
+
+
+class PreflightNoGo(RuntimeError):
+    """The checklist failed; the message names every failed check."""
+
+
+async def _close_gate(url: str, verdict: pf.Verdict) -> None:
+    client = async_client(url)
+    try:
+        await record_decision(client, decision=DECISION_NO_GO, operator="preflight",
+                              reason="NO-GO: " + ", ".join(c.name for c in verdict.failed),
+                              decided_ms=now_ms(), valid_for_ms=1)
+    except Exception:  # Redis down: the gate reads a GO that can only be as fresh as Redis allows
+        get_run_logger().warning("could not close the live gate: Redis unreachable")
+    finally:
+        await client.aclose()
