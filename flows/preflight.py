@@ -7,6 +7,7 @@ artifact (`preflight-verdict`). A NO-GO closes the live gate (a NO-GO decision i
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,14 @@ from prefect.client.schemas.sorting import FlowRunSort
 
 from blocks.runtime import load_settings
 from deployments.automations import zombie_automation
+from flows.maintenance import default_backup_dir
 from trading import preflight as pf
 from trading.bus import STREAM_BOOK, STREAM_TICKER24H
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.exchange.rest import BitvavoRest
 from trading.golive import DECISION_NO_GO, record_decision
+from trading.maintenance.restore import check_backup
 from trading.redis_conn import async_client, redis_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,8 +113,20 @@ async def run_checklist(settings: Settings, url: str, *, live: bool, drill: bool
         for deployment, hours in MAINTENANCE_WINDOWS_H.items():
             checks.append(pf.check_ran_within(f"{deployment} ran within {hours} h",
                                               await _last_completed_ms(deployment), hours * 3_600_000, now))
+        checks.append(await asyncio.to_thread(_last_backup_restores, default_backup_dir(settings)))
     checks.append(_credentials(settings, live))
     return pf.Verdict("live" if live else "dry-run", tuple(checks))
+
+
+def _last_backup_restores(backup_root: Path) -> pf.CheckResult:
+    name = "last backup restores"
+    days = sorted(p for p in backup_root.glob("????-??-??") if p.is_dir()) if backup_root.is_dir() else []
+    if not days:
+        return pf.failed(name, f"no backup under {backup_root}")
+    check = check_backup(days[-1])
+    if not check.ok:
+        return pf.failed(name, f"{days[-1].name}: " + "; ".join(check.problems[:3]))
+    return pf.passed(name, f"{days[-1].name}: {check.files_checked} files, checksums and reads OK")
 
 
 def _credentials(settings: Settings, live: bool) -> pf.CheckResult:
