@@ -37,6 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from trading.backoff import Backoff
 from trading.bus import dead_letter_stream, encode_entry
 from trading.clock import now_ms
+from trading.lake import LakeWriteError
 from trading.log_sampling import worth_logging
 from trading.metrics import LabelCache
 
@@ -177,6 +178,8 @@ class GroupConsumer:
                     await self.process(backlog[0], handle)
                     backlog.pop(0)
                 self._redis_backoff.reset()
+            except LakeWriteError:
+                raise  # a lake failure is an OSError too, but no backoff heals a full disk: stop loudly
             except _REDIS_DOWN as exc:
                 self.stats.redis_errors += 1
                 self._metrics.redis_errors.inc()
@@ -218,7 +221,7 @@ class GroupConsumer:
             except RejectEntry as exc:
                 await self.dead_letter(entry, str(exc), cause="rejected")
                 return
-            except _REDIS_DOWN:
+            except (LakeWriteError, *_REDIS_DOWN):
                 raise
             except Exception as exc:  # any handler failure: retried, then dead-lettered
                 self.stats.handler_errors += 1

@@ -211,3 +211,20 @@ async def test_idempotency_mark_skips_a_duplicate(redis_db_url: str) -> None:
     assert await _out_keys(client) == ["same"]
     assert consumer.stats.duplicates == 1
     await client.aclose()
+
+
+async def test_a_lake_failure_stops_the_loop_instead_of_being_retried_as_redis_down(redis_db_url: str) -> None:
+    from trading.lake import LakeWriteError
+
+    client = async_client(redis_db_url)
+    consumer = _consumer(client, CollectorRegistry())
+    await _add(client, 1)
+
+    async def disk_full(entry: StreamEntry, tx: Pipeline) -> None:
+        raise LakeWriteError(28, "No space left on device: batch NOT recorded")
+
+    with pytest.raises(LakeWriteError):
+        async with asyncio.timeout(5):
+            await consumer.run(disk_full)
+    assert (await client.xpending(STREAM, "role"))["pending"] == 1  # not acked: processed after the fix
+    await client.aclose()
