@@ -56,7 +56,6 @@ from trading.config import MARKET_PATTERN, ConfigError, Settings
 from trading.consumer import ConsumerMetrics, GroupConsumer, Handler, RejectEntry, StreamEntry
 from trading.decimals import DecimalParseError, format_decimal, parse_decimal
 from trading.events import Severity, queue_event
-from trading.preflight import DRILL_STRATEGY
 from trading.exchange.errors import BitvavoError
 from trading.exchange.rest import BitvavoRest
 from trading.lake import LakeFormatError, LakeWriteError, LakeWriter
@@ -64,6 +63,7 @@ from trading.loop import every, run_guarded
 from trading.matching import MarketRules
 from trading.metrics import LabelCache, MetricsEndpoint
 from trading.orders import Intent, Side, intent_id_for
+from trading.preflight import DRILL_STRATEGY
 from trading.redis_conn import async_client
 from trading.risk import (
     STATE_REDUCE_ONLY,
