@@ -1,0 +1,415 @@
+"""The executor loop: intents from `orders:shadow` become orders on a venue, results in `orders:executed`.
+
+One instance runs (lease `executor`); it reads `orders:shadow` as the consumer group `executor`.
+The group starts at "0" when first created, so intents written before the executor's first start
+are seen (and refused as too old, which clears them from `trading:intents:open`) rather than
+skipped silently. Per intent, in this order:
+
+1. decode (`Intent.decode`); off-contract → `orders:shadow:dead` with the reason;
+2. idempotency on intent_id (a redelivered intent is skipped);
+3. refusals, each one event, no order, `trading:intents:open` cleared, intent marked done:
+   older than `max_intent_age_s` (`intent_expired`), mode differs from the venue's
+   (`mode_mismatch`: a live intent never reaches the paper venue, nor the reverse), the kill
+   switch read immediately before acting (`kill_switch`), and for live intents the go-live gate
+   (`live_gate_closed`) and the venue's own block (`venue_blocked`, e.g. unreconciled state);
+4. `venue.submit(intent)`; bad input only the venue can judge (a market the exchange does not
+   list) comes back as `IntentError` → dead letter;
+5. the reports: lake `orders/executed` first, then in the consumer's transaction (with the ack):
+   XADD to `orders:executed`, HDEL `trading:intents:open` on a final report, the open paper
+   order's last report in `KEY_PAPER_OPEN`, HDEL `orders:inflight` for live reports, an
+   `order` / `order_rejected` event, the done mark.
+
+A second coroutine polls the venue every `poll_interval_s` (resting orders filling later) and
+records those reports the same way, one transaction per batch. At start, paper orders a previous
+instance left open are closed with a `canceled` report (they lived in that process only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import orjson
+import redis.asyncio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError
+
+from trading.bus import KEY_INFLIGHT, KEY_OPEN_INTENTS, ORDERS_EXECUTED, ORDERS_SHADOW, SCHEMA_VERSION
+from trading.clock import now_ms
+from trading.config import Settings
+from trading.consumer import ConsumerMetrics, GroupConsumer, RejectEntry, StreamEntry
+from trading.events import Severity, queue_event
+from trading.execution.paper import KEY_PAPER_OPEN, restart_cancellations
+from trading.golive import live_gate
+from trading.kill_switch import kill_switch_on
+from trading.lake import LakeWriteError, LakeWriter
+from trading.lease import Lease
+from trading.log_sampling import worth_logging
+from trading.loop import every, run_guarded
+from trading.metrics import LabelCache, MetricsEndpoint
+from trading.orders import ExecutionReport, Intent, IntentError, Venue
+from trading.redis_conn import async_client
+
+log = logging.getLogger(__name__)
+
+EXECUTOR = "executor"  # lease, consumer group and loop name
+LAKE_CHANNEL = "orders/executed"
+METRICS_PREFIX = "trader_executor"
+DEFAULT_METRICS_PORT = 9603
+DEFAULT_MAX_INTENT_AGE_S = 10.0
+_REDIS_DOWN = (RedisError, OSError)
+
+
+def _mode(dry_run: bool) -> str:
+    return "paper" if dry_run else "live"
+
+
+class ExecutorMetrics:
+    """`trader_executor_*` (the consumer families come from `ConsumerMetrics`)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        self.consumer = ConsumerMetrics(METRICS_PREFIX, r)
+        self.intents = LabelCache(Counter("trader_executor_intents", "Intents handled (duplicates excluded)",
+                                          ["mode"], registry=r))
+        self.orders = LabelCache(Counter("trader_executor_orders", "Execution reports recorded, by order status",
+                                         ["status", "mode"], registry=r))
+        self.fills = LabelCache(Counter("trader_executor_fills", "Fills recorded", ["mode", "liquidity"],
+                                        registry=r))
+        # A gauge, not a counter: a single fill's fee can be negative (maker rebate, cumulative rounding).
+        self.fees = LabelCache(Gauge("trader_executor_fees", "Fees of the fills recorded since start, net",
+                                     ["currency", "mode"], registry=r))
+        self.kill_switch_blocks = Counter("trader_executor_kill_switch_blocks",
+                                          "Intents not executed because trading:kill=1", registry=r)
+        self.refusals = LabelCache(Counter("trader_executor_refusals", "Intents refused before the venue, by reason",
+                                           ["reason"], registry=r))
+        self.submit_latency = LabelCache(Histogram(
+            "trader_executor_submit_latency_seconds", "venue.submit() duration per intent", ["mode"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r))
+        self.open_orders = LabelCache(Gauge("trader_executor_open_orders",
+                                            "Orders whose latest recorded report is not final", ["mode"], registry=r))
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str  # metrics label
+    event: str
+    severity: Severity
+    message: str
+
+
+@dataclass
+class ExecutorSummary:
+    mode: str
+    intents: int = 0
+    reports: int = 0
+    fills: int = 0
+    kill_switch_blocks: int = 0
+    refusals: dict[str, int] = field(default_factory=dict)
+    restart_cancels: int = 0
+    consumed: int = 0
+    dead_lettered: int = 0
+    duplicates: int = 0
+    reclaimed: int = 0
+    fencing_token: int = 0
+    metrics_url: str = ""
+
+
+class Executor:
+    """The loop's state and steps; `run_executor` wires it under the lease."""
+
+    def __init__(self, settings: Settings, client: redis.asyncio.Redis, venue: Venue, *, metrics: ExecutorMetrics,
+                 lake: LakeWriter, max_intent_age_s: float = DEFAULT_MAX_INTENT_AGE_S, poll_interval_s: float = 1.0,
+                 gauge_interval_s: float = 5.0) -> None:
+        if max_intent_age_s <= 0 or poll_interval_s <= 0 or gauge_interval_s <= 0:
+            raise ValueError("max_intent_age_s, poll_interval_s and gauge_interval_s must be positive")
+        self.settings = settings
+        self.client: Any = client  # redis-py's async stubs type replies as sync|async unions
+        self.venue = venue
+        self.metrics = metrics
+        self.lake = lake
+        self.max_intent_age_ms = int(max_intent_age_s * 1000)
+        self.poll_interval_s = poll_interval_s
+        self.gauge_interval_s = gauge_interval_s
+        self.consumer = GroupConsumer(client, ORDERS_SHADOW, EXECUTOR, metrics=metrics.consumer, start_id="0")
+        self.summary = ExecutorSummary(mode=_mode(venue.dry_run))
+        self._mode = _mode(venue.dry_run)
+        self._ready = asyncio.Event()
+        self._fatal: asyncio.Future[None] | None = None
+        self._open: dict[str, str] = {}  # intent_id -> mode, while its latest recorded report is not final
+        # Submitted, and their transaction not known to be committed: poll reports about them wait,
+        # so `orders:executed` never shows a fill before the order's first report.
+        self._uncommitted: set[str] = set()
+        self._poll_backlog: list[ExecutionReport] = []  # in the lake, not yet in Redis (Redis was down)
+        self._poll_failures = 0
+
+    def work(self, lease: Lease) -> Sequence[Coroutine[Any, Any, None]]:
+        self.summary.fencing_token = lease.fencing_token
+        self._fatal = asyncio.get_running_loop().create_future()
+        return [self._consume(), self._poll_forever(), self._gauges_forever(), self._watch_fatal()]
+
+    # -- coroutines under the lease --------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        await self.venue.start()
+        await self.recover_paper_orders()
+        self._ready.set()
+        log.info("executor: %s venue started; consuming %s as group %s", self._mode, ORDERS_SHADOW, EXECUTOR)
+        await self.consumer.run(self.handle)
+
+    async def _poll_forever(self) -> None:
+        await self._ready.wait()
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            await self.poll_once()
+
+    async def _gauges_forever(self) -> None:
+        await self._ready.wait()
+        await every(self.gauge_interval_s, self.refresh_gauges, swallow=_REDIS_DOWN)
+
+    async def _watch_fatal(self) -> None:
+        assert self._fatal is not None
+        await self._fatal  # raises what `_halt` was given: the TaskGroup then stops the loop
+
+    async def _halt(self, exc: BaseException) -> NoReturn:
+        """Stop the loop with `exc` from inside the consumer, whose handler errors are otherwise retried."""
+        log.error("executor: stopping: %s", exc)
+        if self._fatal is not None and not self._fatal.done():
+            self._fatal.set_exception(exc)
+        await asyncio.get_running_loop().create_future()  # parked until the TaskGroup cancels us
+        raise AssertionError("unreachable")
+
+    # -- one intent --------------------------------------------------------------------------
+
+    async def handle(self, entry: StreamEntry, tx: Pipeline) -> None:
+        try:
+            intent = Intent.decode(entry.fields)
+        except IntentError as exc:
+            raise RejectEntry(str(exc)) from None
+        # Entries are handled one at a time, each committed (or retried) before the next: earlier
+        # submits are settled now.
+        self._uncommitted.clear()
+        consumer = self.consumer
+        if await consumer.already_done(intent.intent_id):
+            consumer.skip_duplicate()
+            return
+        mode = _mode(intent.dry_run)
+        self.metrics.intents(mode).inc()
+        self.summary.intents += 1
+        refusal = await self._refusal(intent)
+        if refusal is not None:
+            self._queue_refusal(tx, intent, refusal)
+            consumer.mark_done(tx, intent.intent_id)
+            return
+        self._uncommitted.add(intent.intent_id)
+        started = time.perf_counter()
+        try:
+            reports = await self.venue.submit(intent)
+        except IntentError as exc:  # bad input only the venue can judge, e.g. a market the exchange does not list
+            await self._forget_rejected(intent, str(exc))
+            raise RejectEntry(str(exc)) from None
+        self.metrics.submit_latency(mode).observe(time.perf_counter() - started)
+        await self._write_lake(reports)
+        self._queue_reports(tx, reports)
+        consumer.mark_done(tx, intent.intent_id)
+        self._count_reports(reports)
+
+    async def _refusal(self, intent: Intent) -> Refusal | None:
+        age_ms = now_ms() - intent.ts
+        if age_ms > self.max_intent_age_ms:
+            return Refusal("expired", "intent_expired", Severity.WARNING,
+                           f"intent is {age_ms} ms old; intents older than {self.max_intent_age_ms} ms are not "
+                           "executed")
+        if intent.dry_run != self.venue.dry_run:
+            return Refusal("mode_mismatch", "mode_mismatch", Severity.CRITICAL,
+                           f"{_mode(intent.dry_run)} intent refused by the {self._mode} executor (DRY_RUN differs "
+                           "between the trading core and the executor)")
+        # Read immediately before acting: a switch flipped a moment ago stops this order.
+        if await kill_switch_on(self.client):
+            return Refusal("kill_switch", "kill_switch", Severity.WARNING,
+                           "trading:kill=1: order not sent")
+        if not intent.dry_run:
+            gate = await live_gate(self.client, now_ms())
+            if not gate.open:
+                return Refusal("gate_closed", "live_gate_closed", Severity.CRITICAL, gate.reason)
+            blocked = self.venue.blocked_reason()
+            if blocked is not None:
+                return Refusal("venue_blocked", "venue_blocked", Severity.CRITICAL, blocked)
+        return None
+
+    def _queue_refusal(self, tx: Pipeline, intent: Intent, refusal: Refusal) -> None:
+        queue_event(tx, refusal.event, refusal.severity, market=intent.market, intent_id=intent.intent_id,
+                    detail={"action": "refused", "reason": refusal.message, "dry_run": intent.dry_run,
+                            "side": intent.side})
+        tx.hdel(KEY_OPEN_INTENTS, intent.intent_id)
+        self.metrics.refusals(refusal.reason).inc()
+        self.summary.refusals[refusal.reason] = self.summary.refusals.get(refusal.reason, 0) + 1
+        if refusal.reason == "kill_switch":
+            self.metrics.kill_switch_blocks.inc()
+            self.summary.kill_switch_blocks += 1
+        count = sum(self.summary.refusals.values())
+        if worth_logging(count, every=100):
+            log.warning("executor: intent %s refused (%s): %s (%d refusals so far)", intent.intent_id,
+                        refusal.reason, refusal.message, count)
+
+    async def _forget_rejected(self, intent: Intent, reason: str) -> None:
+        """A dead-lettered intent is not open any more (the core counts open intents)."""
+        self._uncommitted.discard(intent.intent_id)
+        async with self.client.pipeline(transaction=True) as tx:
+            tx.hdel(KEY_OPEN_INTENTS, intent.intent_id)
+            queue_event(tx, "intent_rejected", Severity.WARNING, market=intent.market, intent_id=intent.intent_id,
+                        detail={"reason": reason, "dry_run": intent.dry_run})
+            await tx.execute()
+
+    # -- reports -----------------------------------------------------------------------------
+
+    async def _write_lake(self, reports: Sequence[ExecutionReport]) -> None:
+        """Lake before Redis. A crash between the two leaves the lake row without its Redis entry;
+        the intent is then executed again after the restart, so the lake can hold a report twice:
+        readers dedupe fills on fill_id (paper fill ids are derived from intent_id, the same on a
+        re-execution) and take an intent's latest report as its state."""
+        if not reports:
+            return
+        rows = [{**report.encode(), "v": SCHEMA_VERSION, "ts": report.ts} for report in reports]
+        try:
+            self.lake.write_batch(rows)
+        except LakeWriteError as exc:
+            await self._halt(exc)
+
+    def _queue_reports(self, tx: Pipeline, reports: Sequence[ExecutionReport]) -> None:
+        maxlen = self.settings.stream_maxlen
+        for report in reports:
+            fields: dict[Any, Any] = report.encode()
+            intent_id = report.intent_id
+            tx.xadd(ORDERS_EXECUTED, fields, maxlen=maxlen, approximate=True)
+            if report.final:
+                tx.hdel(KEY_OPEN_INTENTS, intent_id)
+            if report.dry_run:
+                if report.final:
+                    tx.hdel(KEY_PAPER_OPEN, intent_id)
+                else:
+                    tx.hset(KEY_PAPER_OPEN, intent_id, orjson.dumps(fields))
+            else:
+                tx.hdel(KEY_INFLIGHT, intent_id)  # the order is recorded: no longer merely in flight
+            rejected = report.status == "rejected"
+            queue_event(tx, "order_rejected" if rejected else "order",
+                        Severity.WARNING if rejected else Severity.INFO, market=report.market, intent_id=intent_id,
+                        detail={"status": report.status, "order_id": report.order_id, "side": report.side,
+                                "filled_amount": report.filled_amount, "fee": report.fee,
+                                "fee_currency": report.fee_currency, "new_fills": len(report.fills),
+                                "dry_run": report.dry_run, "reason": report.reason})
+
+    def _count_reports(self, reports: Sequence[ExecutionReport]) -> None:
+        for report in reports:
+            mode = _mode(report.dry_run)
+            self.metrics.orders(report.status, mode).inc()
+            self.summary.reports += 1
+            for fill in report.fills:
+                self.metrics.fills(mode, "taker" if fill.taker else "maker").inc()
+                self.metrics.fees(fill.fee_currency, mode).inc(float(fill.fee))
+                self.summary.fills += 1
+            if report.final:
+                self._open.pop(report.intent_id, None)
+            else:
+                self._open[report.intent_id] = mode
+
+    async def poll_once(self) -> None:
+        """Record what the venue reports about open orders; kept for the next round while Redis is down."""
+        fresh = await self.venue.poll()
+        await self._write_lake(fresh)
+        self._poll_backlog.extend(fresh)
+        if not self._poll_backlog:
+            return
+        try:
+            waiting = {r.intent_id for r in self._poll_backlog} & self._uncommitted
+            for intent_id in waiting:
+                if await self.consumer.already_done(intent_id):  # its first report is committed
+                    self._uncommitted.discard(intent_id)
+            ready = [r for r in self._poll_backlog if r.intent_id not in self._uncommitted]
+            if not ready:
+                return
+            async with self.client.pipeline(transaction=True) as tx:
+                self._queue_reports(tx, ready)
+                await tx.execute()
+        except _REDIS_DOWN as exc:
+            self._poll_failures += 1
+            if worth_logging(self._poll_failures, every=60):
+                log.warning("executor: %d polled reports not recorded yet (%s: %s); retrying every poll",
+                            len(self._poll_backlog), type(exc).__name__, exc)
+            return
+        recorded = {id(r) for r in ready}
+        self._poll_backlog = [r for r in self._poll_backlog if id(r) not in recorded]
+        self._count_reports(ready)
+
+    async def recover_paper_orders(self) -> None:
+        """Paper orders lived in the previous process: close each with a final `canceled` report."""
+        stored: dict[str, str] = await self.client.hgetall(KEY_PAPER_OPEN)
+        if not stored:
+            return
+        reports, unreadable = restart_cancellations(stored, now_ms())
+        await self._write_lake(reports)
+        async with self.client.pipeline(transaction=True) as tx:
+            self._queue_reports(tx, reports)
+            for intent_id in unreadable:
+                tx.hdel(KEY_PAPER_OPEN, intent_id)
+                tx.hdel(KEY_OPEN_INTENTS, intent_id)
+                queue_event(tx, "order_lost", Severity.CRITICAL, intent_id=intent_id,
+                            detail={"reason": "paper order's stored report unreadable; dropped on restart"})
+            await tx.execute()
+        self._count_reports(reports)
+        self.summary.restart_cancels = len(reports)
+        log.warning("executor: %d paper orders left open by the previous instance closed as canceled (%s)",
+                    len(reports) + len(unreadable), ", ".join(sorted(stored)))
+
+    async def refresh_gauges(self) -> None:
+        await self.consumer.refresh_gauges()
+        for mode in ("paper", "live"):
+            self.metrics.open_orders(mode).set(sum(1 for m in self._open.values() if m == mode))
+
+    def finish(self, endpoint_url: str) -> ExecutorSummary:
+        stats = self.consumer.stats
+        self.summary.consumed = stats.consumed
+        self.summary.dead_lettered = stats.dead_lettered
+        self.summary.duplicates = stats.duplicates
+        self.summary.reclaimed = stats.reclaimed
+        self.summary.metrics_url = endpoint_url
+        return self.summary
+
+
+async def run_executor(settings: Settings, *, redis_url: str, venue: Venue, duration_s: float | None = None,
+                       metrics_port: int = DEFAULT_METRICS_PORT, lease_wait_s: float = 0.0,
+                       poll_interval_s: float = 1.0, max_intent_age_s: float = DEFAULT_MAX_INTENT_AGE_S,
+                       gauge_interval_s: float = 5.0) -> ExecutorSummary:
+    """Run the executor until `duration_s` passes (None: until cancelled); the venue is closed at the end."""
+    client = async_client(redis_url)
+    metrics = ExecutorMetrics()
+    lake = LakeWriter(settings.parquet_dir, LAKE_CHANNEL)
+    executor = Executor(settings, client, venue, metrics=metrics, lake=lake, max_intent_age_s=max_intent_age_s,
+                        poll_interval_s=poll_interval_s, gauge_interval_s=gauge_interval_s)
+    endpoint: MetricsEndpoint | None = None
+
+    def work(lease: Lease) -> Sequence[Coroutine[Any, Any, None]]:
+        nonlocal endpoint
+        # Bound only once the lease is held: a second instance waiting for it must not take the port.
+        endpoint = MetricsEndpoint(metrics.registry, settings.metrics_host, metrics_port).start()
+        log.info("executor: lease held (fencing token %d); metrics on %s", lease.fencing_token, endpoint.url)
+        return executor.work(lease)
+
+    try:
+        await run_guarded(EXECUTOR, client, work, duration_s=duration_s, lease_wait_s=lease_wait_s)
+    finally:
+        try:
+            await venue.close()
+        finally:
+            lake.close()
+            if endpoint is not None:
+                endpoint.stop()
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()
+    return executor.finish(endpoint.url if endpoint is not None else "")
