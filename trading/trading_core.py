@@ -54,9 +54,11 @@ from trading.bus import (
 from trading.clock import now_ms
 from trading.config import MARKET_PATTERN, ConfigError, Settings
 from trading.consumer import ConsumerMetrics, GroupConsumer, Handler, RejectEntry, StreamEntry
-from trading.decimals import DecimalParseError, format_decimal, parse_decimal
+from trading.decimals import format_decimal
 from trading.events import Severity, queue_event
 from trading.exchange.errors import BitvavoError
+from trading.exchange.market_rules import rules_from_markets
+from trading.exchange.models import PayloadError
 from trading.exchange.rest import BitvavoRest
 from trading.lake import LakeFormatError, LakeWriteError, LakeWriter
 from trading.loop import every, run_guarded
@@ -139,17 +141,6 @@ def parse_signal(fields: Mapping[str, str], known_markets: Mapping[str, MarketRu
 
 # -- market rules (GET /markets) --------------------------------------------------------------------
 
-def market_rules_from_wire(row: Mapping[str, Any]) -> MarketRules:
-    """One GET /markets row; raises ValueError/KeyError/DecimalParseError when it is malformed."""
-    return MarketRules(
-        market=str(row["market"]), base=str(row["base"]), quote=str(row["quote"]),
-        tick_size=parse_decimal(row["tickSize"], "tickSize"), quantity_decimals=int(row["quantityDecimals"]),
-        notional_decimals=int(row["notionalDecimals"]),
-        min_order_base=parse_decimal(row["minOrderInBaseAsset"], "minOrderInBaseAsset"),
-        min_order_quote=parse_decimal(row["minOrderInQuoteAsset"], "minOrderInQuoteAsset"),
-        status=str(row.get("status", "trading")))
-
-
 async def load_market_rules(rest_url: str, *, timeout_s: float = 5.0) -> tuple[dict[str, MarketRules], str]:
     """(rules by market, where they came from). Unreachable: ({}, why) and the loop uses fallbacks."""
     def fetch() -> Any:
@@ -163,18 +154,11 @@ async def load_market_rules(rest_url: str, *, timeout_s: float = 5.0) -> tuple[d
         rows = await asyncio.wait_for(asyncio.to_thread(fetch), timeout_s * 3)
     except (BitvavoError, OSError, TimeoutError) as exc:
         return {}, f"GET /markets failed ({type(exc).__name__}: {exc}); fallback precision"
-    rules: dict[str, MarketRules] = {}
-    skipped = 0
-    for row in rows if isinstance(rows, list) else ():
-        try:
-            rule = market_rules_from_wire(row)
-        except (KeyError, TypeError, ValueError, DecimalParseError):
-            skipped += 1
-            continue
-        if rule.tick_size > 0 and rule.quantity_decimals >= 0:
-            rules[rule.market] = rule
-        else:
-            skipped += 1
+    try:
+        rules = {rule.market: rule for rule in rules_from_markets(rows)}
+    except PayloadError as exc:
+        return {}, f"GET /markets answered off-schema ({exc}); fallback precision"
+    skipped = len(rows) - len(rules) if isinstance(rows, list) else 0
     return rules, f"GET /markets: {len(rules)} markets" + (f", {skipped} malformed rows skipped" if skipped else "")
 
 

@@ -20,6 +20,7 @@ from trading.bus import KEY_KILL, KEY_OPEN_INTENTS, ORDERS_SHADOW, decode_entry,
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.events import read_events
+from trading.exchange.market_rules import market_rules_from_wire
 from trading.golive import record_decision
 from trading.lake import channel_files, read_jsonl, utc_day
 from trading.lease import LeaseHeldError
@@ -33,7 +34,6 @@ from trading.trading_core import (
     LakeFailure,
     TradingCoreSummary,
     load_market_rules,
-    market_rules_from_wire,
     run_trading_core,
 )
 
@@ -46,7 +46,8 @@ D = Decimal
 def _rules(market: str, tick: str, decimals: int) -> MarketRules:
     return market_rules_from_wire({"market": market, "base": market.split("-")[0], "quote": "EUR",
                                    "tickSize": tick, "quantityDecimals": decimals, "notionalDecimals": 2,
-                                   "minOrderInBaseAsset": "0.00001", "minOrderInQuoteAsset": "5.00"})
+                                   "minOrderInBaseAsset": "0.00001", "minOrderInQuoteAsset": "5.00",
+                                   "status": "trading"})
 
 
 RULES = {"BTC-EUR": _rules("BTC-EUR", "1", 8), "ETH-EUR": _rules("ETH-EUR", "0.01", 8),

@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from trading.decimals import ceil_to
+from trading.exchange.market_rules import market_rules_from_wire, rules_from_markets
 from trading.exchange.models import BookSnapshot, PayloadError
 from trading.execution.paper import (
     NO_LIVE_BOOK,
@@ -23,10 +24,8 @@ from trading.execution.paper import (
     RESTART_REASON,
     PaperVenue,
     contract_status,
-    market_rules_from_wire,
     paper_fill_id,
     restart_cancellations,
-    rules_from_markets,
 )
 from trading.matching import FeeRates, MarketRules
 from trading.orders import ExecutionReport, FillRecord, Intent, IntentError

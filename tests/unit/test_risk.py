@@ -11,6 +11,7 @@ import pytest
 
 from trading.config import ConfigError, Settings
 from trading.consumer import RejectEntry
+from trading.exchange.market_rules import market_rules_from_wire
 from trading.golive import GateStatus
 from trading.risk import (
     GUARD_NAMES,
@@ -27,7 +28,6 @@ from trading.risk import (
 from trading.trading_core import (
     MAX_SLIPPAGE_BPS,
     Signal,
-    market_rules_from_wire,
     parse_signal,
     round_amount,
     round_price,

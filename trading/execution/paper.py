@@ -39,11 +39,12 @@ import orjson
 from trading.book import BookSync
 from trading.clock import now_ms
 from trading.config import Settings
-from trading.decimals import ZERO, DecimalParseError, parse_decimal
+from trading.decimals import ZERO
 from trading.exchange.errors import BitvavoError
 from trading.exchange.governor import budget_identity, shared_governor
 from trading.exchange.live_book import LiveBooks
-from trading.exchange.models import BookSnapshot, Level, PayloadError, parse_price
+from trading.exchange.market_rules import rules_from_markets
+from trading.exchange.models import BookSnapshot, Level, parse_price
 from trading.exchange.rest import BitvavoRest
 from trading.exchange.ws import BitvavoWebSocket
 from trading.log_sampling import worth_logging
@@ -84,61 +85,6 @@ def contract_status(engine_status: str) -> tuple[str, str | None]:
     if engine_status.startswith("canceled"):
         return "canceled", engine_status
     return engine_status, None
-
-
-def market_rules_from_wire(row: Any) -> MarketRules:
-    """One GET /markets row as the engine's `MarketRules`; `PayloadError` names what is wrong."""
-    if not isinstance(row, dict):
-        raise PayloadError(f"market row must be a JSON object, got {type(row).__name__}")
-    try:
-        market = str(row["market"])
-        return MarketRules(
-            market=market, base=str(row["base"]), quote=str(row["quote"]),
-            tick_size=_positive(row["tickSize"], f"{market} tickSize"),
-            quantity_decimals=_count(row["quantityDecimals"], f"{market} quantityDecimals"),
-            notional_decimals=_count(row["notionalDecimals"], f"{market} notionalDecimals"),
-            min_order_base=parse_decimal(row["minOrderInBaseAsset"], f"{market} minOrderInBaseAsset"),
-            min_order_quote=parse_decimal(row["minOrderInQuoteAsset"], f"{market} minOrderInQuoteAsset"),
-            max_order_base=parse_decimal(row["maxOrderInBaseAsset"], f"{market} maxOrderInBaseAsset"),
-            max_order_quote=parse_decimal(row["maxOrderInQuoteAsset"], f"{market} maxOrderInQuoteAsset"),
-            max_open_orders=_count(row.get("maxOpenOrders", 100), f"{market} maxOpenOrders"),
-            status=str(row["status"]),
-            order_types=tuple(str(t) for t in row.get("orderTypes", ("market", "limit"))))
-    except KeyError as exc:
-        raise PayloadError(f"market row {row.get('market')!r} lacks {exc.args[0]!r}") from None
-    except DecimalParseError as exc:
-        raise PayloadError(str(exc)) from None
-
-
-def _positive(value: Any, name: str) -> Decimal:
-    try:
-        result = parse_decimal(value, name)
-    except DecimalParseError as exc:
-        raise PayloadError(str(exc)) from None
-    if result <= 0:
-        raise PayloadError(f"{name} must be positive, got {value!r}")
-    return result
-
-
-def _count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise PayloadError(f"{name} must be a non-negative integer, got {value!r}")
-    return value
-
-
-def rules_from_markets(rows: Any) -> list[MarketRules]:
-    """Every usable row of GET /markets; a malformed row is logged and left out (its market is unknown)."""
-    if isinstance(rows, dict):
-        rows = [rows]
-    if not isinstance(rows, list):
-        raise PayloadError(f"GET /markets must return a list, got {type(rows).__name__}")
-    rules: list[MarketRules] = []
-    for row in rows:
-        try:
-            rules.append(market_rules_from_wire(row))
-        except PayloadError as exc:
-            log.warning("paper venue: market left out: %s", exc)
-    return rules
 
 
 def restart_cancellations(open_orders: Mapping[str, str], ts: int) -> tuple[list[ExecutionReport], list[str]]:
