@@ -120,12 +120,15 @@ class FillRecord:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FillRecord:
         try:
-            return cls(fill_id=str(data["fill_id"]), ts=int(data["ts"]),
+            fill = cls(fill_id=str(data["fill_id"]), ts=int(data["ts"]),
                        amount=parse_decimal(data["amount"], "fill amount"),
                        price=parse_decimal(data["price"], "fill price"), fee=parse_decimal(data["fee"], "fill fee"),
                        fee_currency=str(data["fee_currency"]), taker=bool(data["taker"]))
         except (KeyError, TypeError, ValueError, DecimalParseError) as exc:
             raise IntentError(f"malformed fill {dict(data)!r}: {exc}") from None
+        if fill.amount <= 0 or fill.price <= 0:
+            raise IntentError(f"fill {fill.fill_id}: amount and price must be positive")
+        return fill
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,267 @@
+"""The PnL loop on a real Redis: executions in, `trading:pnl` out, marks, restarts, rebuilds, bad input, metrics.
+
+The fills are the hand-computed script of tests/unit/test_pnl.py, moved to yesterday and today
+(UTC) so that `realized_today` is live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+import urllib.request
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+import redis.asyncio
+from prometheus_client import CollectorRegistry
+
+from tests.unit.test_pnl import EXPECTED_DAY2, SCRIPT, ms
+from trading.bus import KEY_PNL, ORDERS_EXECUTED, SCHEMA_VERSION, STREAM_BOOK, decode_entry, encode_entry
+from trading.clock import now_ms
+from trading.config import Settings
+from trading.consumer import ConsumerMetrics, GroupConsumer
+from trading.lake import DAY_MS, LakeWriter, channel_files, read_jsonl, utc_day
+from trading.orders import ExecutionReport
+from trading.pnl import Ledger
+from trading.pnl_orchestrator import ledger_fields, main, rebuild_from_lake, rebuild_from_stream, run_pnl
+from trading.redis_conn import async_client
+
+TODAY_MS = now_ms() // DAY_MS * DAY_MS
+SHIFT_MS = TODAY_MS - ms("2026-09-23T00:00:00")  # the script's day 2 becomes today
+TODAY = utc_day(TODAY_MS)
+YESTERDAY = TODAY - timedelta(days=1)
+
+
+def retimed(report: ExecutionReport) -> ExecutionReport:
+    return dataclasses.replace(report, ts=report.ts + SHIFT_MS,
+                               fills=tuple(dataclasses.replace(f, ts=f.ts + SHIFT_MS) for f in report.fills))
+
+
+REPORTS = [retimed(r) for r in SCRIPT]
+
+
+def expected_hash(live: dict[str, str], **changes: str) -> dict[str, str]:
+    """The hand-computed hash; `day`, `updated_ts` (and so `realized_today`) are whatever time the loop wrote it."""
+    expected = {**EXPECTED_DAY2, **changes, "day": live["day"], "updated_ts": live["updated_ts"]}
+    if live["day"] != TODAY.isoformat():  # the test ran across midnight UTC: no fill of the new day yet
+        expected["realized_today"] = "0"
+    return expected
+
+
+def lake_row(report: ExecutionReport) -> dict[str, Any]:
+    """What the executor records in the lake (trading/execution/executor.py): the stream fields."""
+    return {**report.encode(), "v": SCHEMA_VERSION, "ts": report.ts}
+
+
+async def execute(client: Any, *reports: ExecutionReport, lake: LakeWriter | None = None) -> None:
+    for report in reports:
+        await client.xadd(ORDERS_EXECUTED, report.encode())
+        if lake is not None:
+            lake.write_batch([lake_row(report)])
+
+
+async def book(client: Any, market: str, bid: str, ask: str) -> None:
+    await client.xadd(STREAM_BOOK, encode_entry({"ts": now_ms(), "recv_ts": now_ms(), "market": market, "nonce": 1,
+                                                 "bid": Decimal(bid), "bid_size": Decimal(1), "ask": Decimal(ask),
+                                                 "ask_size": Decimal(1)}))
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout_s: float = 8.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not await check():
+            await asyncio.sleep(0.02)
+
+
+def start(settings: Settings, url: str, **kwargs: Any) -> asyncio.Task[dict[str, Any]]:
+    kwargs.setdefault("metrics_port", 0)
+    return asyncio.create_task(run_pnl(settings, redis_url=url, snapshot_every_s=kwargs.pop("snapshot_every_s", 60),
+                                       mark_every_s=0.05, gauge_every_s=0.1, block_ms=50, **kwargs))
+
+
+async def stop(task: asyncio.Task[dict[str, Any]]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def pnl(client: Any) -> dict[str, str]:
+    return dict(await client.hgetall(KEY_PNL))
+
+
+async def test_executions_and_marks_give_the_hand_computed_pnl_and_rebuilds_agree(redis_db_url: str,
+                                                                                   tmp_path: Path) -> None:
+    client = async_client(redis_db_url)
+    settings = Settings(parquet_dir=tmp_path)
+    executed_lake = LakeWriter(tmp_path, "orders/executed")
+    port = free_port()
+    await execute(client, *REPORTS[:4], lake=executed_lake)  # recorded before the loop starts: replayed
+    task = start(settings, redis_db_url, metrics_port=port)
+    try:
+        async def replayed() -> bool:
+            return (await pnl(client)).get("fills") == "5"
+
+        await wait_for(replayed)
+        await book(client, "BTC-EUR", "27490", "27510")  # mid 27500
+        await execute(client, *REPORTS[4:], lake=executed_lake)  # arrive while it runs
+
+        async def all_booked_and_marked() -> bool:
+            live = await pnl(client)
+            return live.get("fills") == "9" and live.get("BTC-EUR:mark") == "27500"
+
+        await wait_for(all_booked_and_marked)
+        live = await pnl(client)
+        assert live == expected_hash(live)
+
+        # A book for ETH replaces its last-fill stand-in mark (see the unit test for the working).
+        await book(client, "ETH-EUR", "1690", "1710")  # mid 1700
+
+        async def eth_marked() -> bool:
+            return (await pnl(client)).get("ETH-EUR:mark_source") == "mid"
+
+        await wait_for(eth_marked)
+        live = await pnl(client)
+        assert live == expected_hash(live, unrealized="350", unrealized_fifo="325", exposure="6475",
+                                     equity="217.75", **{"ETH-EUR:unrealized": "300", "ETH-EUR:unrealized_fifo": "300",
+                                                         "ETH-EUR:exposure": "5100", "ETH-EUR:mark": "1700",
+                                                         "ETH-EUR:mark_source": "mid"})
+
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "trader_pnl_equity_eur 217.75" in metrics
+        assert 'trader_pnl_position{market="BTC-EUR"} -0.05' in metrics
+        assert 'trader_pnl_market_exposure_eur{market="ETH-EUR"} 5100.0' in metrics
+        assert "trader_pnl_fills_applied_total 4.0" in metrics  # the five replayed fills are not "applied"
+        assert 'trader_pnl_consumed_total{stream="orders:executed"} 8.0' in metrics
+        assert "trader_pnl_last_update_age_seconds" in metrics
+        assert 'trader_pnl_pending{stream="orders:executed"} 0.0' in metrics
+    finally:
+        await stop(task)
+        executed_lake.close()
+
+    # Rebuilt from the stream, or from the lake, with the same marks: exactly the live hash.
+    final = await pnl(client)
+    from_stream = (await rebuild_from_stream(client)).ledger
+    from_lake = rebuild_from_lake(tmp_path, [YESTERDAY, TODAY]).ledger
+    assert from_stream == from_lake
+    assert from_stream.fills_applied == 9
+    for ledger in (from_stream, from_lake):
+        ledger.mark("BTC-EUR", Decimal("27500"))
+        ledger.mark("ETH-EUR", Decimal("1700"))
+        assert ledger.snapshot(int(final["updated_ts"])) == final
+    await client.aclose()
+
+
+async def test_a_crash_between_read_and_ack_counts_nothing_twice(redis_db_url: str, tmp_path: Path) -> None:
+    client = async_client(redis_db_url)
+    settings = Settings(parquet_dir=tmp_path)
+    await execute(client, *REPORTS[:4])
+    first = start(settings, redis_db_url)
+    try:
+        async def five_fills() -> bool:
+            return (await pnl(client)).get("fills") == "5"
+
+        await wait_for(five_fills)
+    finally:
+        await stop(first)
+
+    # The next two reports are read by an instance that dies before acknowledging them.
+    await execute(client, *REPORTS[4:6])
+    crashed = GroupConsumer(client, ORDERS_EXECUTED, "pnl", metrics=ConsumerMetrics("x", CollectorRegistry()))
+    crashed.consumer = "crashed-instance"
+    assert len(await crashed.read_new()) == 2
+    assert (await client.xpending(ORDERS_EXECUTED, "pnl"))["pending"] == 2
+
+    restarted = start(settings, redis_db_url, duration_s=3.0, snapshot_every_s=0.2)
+
+    async def seven_fills() -> bool:
+        return (await pnl(client)).get("fills") == "7"
+
+    await wait_for(seven_fills)
+    # The executor re-sends F6's fill in a later report (e.g. its own restart), then the ETH buys arrive.
+    await execute(client, dataclasses.replace(REPORTS[5], intent_id="resent"), *REPORTS[6:])
+    summary = await restarted
+    live = await pnl(client)
+    assert ledger_fields(live) == ledger_fields(expected_hash(live))  # marks: none, so the last fills stand in
+    assert (summary["reclaimed"], summary["fills_applied"], summary["duplicate_fills"]) == (2, 2, 1)
+    assert summary["pnl"]["realized"] == "-73" and summary["pnl"]["fees"] == "59.25"
+    assert (await client.xpending(ORDERS_EXECUTED, "pnl"))["pending"] == 0
+
+    # Snapshots went to the lake while it ran and once more at stop: the last one is the final state.
+    rows = [row for path in channel_files(tmp_path, utc_day(now_ms()), "pnl") for row in read_jsonl(path)]
+    assert summary["snapshots"] >= 2
+    assert len(rows) == summary["snapshots"] + 1  # and the first instance's snapshot at its stop
+    assert ledger_fields(rows[-1]) == ledger_fields(live)
+    await client.aclose()
+
+
+async def test_bad_entries_are_dead_lettered_and_the_loop_goes_on(redis_db_url: str, tmp_path: Path) -> None:
+    client = async_client(redis_db_url)
+    good = REPORTS[0].encode()
+    fills = orjson.loads(good["fills"])
+    bad_entries = {
+        "missing field": {k: v for k, v in good.items() if k != "fills"},
+        "not a decimal": {**good, "fills": orjson.dumps([{**fills[0], "amount": "abc"}]).decode()},
+        "unknown market": {**good, "market": "btc-euro"},
+        "negative fill": {**good, "fills": orjson.dumps([{**fills[0], "amount": "-0.5"}]).decode()},
+    }
+    entries = list(bad_entries.values())
+    await client.xadd(ORDERS_EXECUTED, entries[0])
+    await client.xadd(ORDERS_EXECUTED, entries[1])
+    task = start(Settings(parquet_dir=tmp_path), redis_db_url)
+    try:
+        await client.xadd(ORDERS_EXECUTED, entries[2])
+        await execute(client, REPORTS[0])
+        await client.xadd(ORDERS_EXECUTED, entries[3])
+        await execute(client, REPORTS[1])
+
+        async def settled() -> bool:
+            return bool(await client.xlen(ORDERS_EXECUTED + ":dead") == 4 and (await pnl(client)).get("fills") == "2")
+
+        await wait_for(settled)
+    finally:
+        await stop(task)
+    dead = [decode_entry(fields) for _id, fields in await client.xrange(ORDERS_EXECUTED + ":dead")]
+    reasons = [record["reason"] for record in dead]
+    assert "execution lacks 'fills'" in reasons[0]
+    assert "'abc'" in reasons[1]
+    assert "btc-euro" in reasons[2]
+    assert "amount must be positive" in reasons[3]
+    assert [orjson.loads(record["fields"]) for record in dead] == entries  # kept verbatim
+    live = await pnl(client)
+    # F1 and F2 of the script: pos 0.7495, avg 31000, realised 1 (the base-fee disposal), fees 31.5.
+    assert (live["BTC-EUR:position"], live["BTC-EUR:avg_cost"], live["realized"], live["fees"]) == (
+        "0.7495", "31000", "1", "31.5")
+    await client.aclose()
+
+
+def test_the_rebuild_command_compares_with_the_live_hash(redis_db_url: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    client = redis.Redis.from_url(redis_db_url, decode_responses=True)
+    ledger = Ledger()
+    for report in REPORTS:
+        client.xadd(ORDERS_EXECUTED, report.encode())
+        ledger.apply(report)
+    client.hset(KEY_PNL, mapping=ledger.snapshot(now_ms()))
+    monkeypatch.setenv("REDIS_URL", redis_db_url)
+    monkeypatch.setenv("PARQUET_DIR", str(tmp_path))
+    assert main(["rebuild", "--compare"]) == 0
+    assert '"realized": "-73"' in capsys.readouterr().out
+    client.hset(KEY_PNL, "BTC-EUR:position", "-0.04")  # a hash that drifted from the stream
+    assert main(["rebuild", "--compare"]) == 1
+    assert '"live": "-0.04"' in capsys.readouterr().out
+    client.close()
