@@ -239,7 +239,7 @@ async def test_bad_entries_are_dead_lettered_and_the_loop_goes_on(redis_db_url: 
     assert "execution lacks 'fills'" in reasons[0]
     assert "'abc'" in reasons[1]
     assert "btc-euro" in reasons[2]
-    assert "amount must be positive" in reasons[3]
+    assert "amount and price must be positive" in reasons[3]
     assert [orjson.loads(record["fields"]) for record in dead] == entries  # kept verbatim
     live = await pnl(client)
     # F1 and F2 of the script: pos 0.7495, avg 31000, realised 1 (the base-fee disposal), fees 31.5.
