@@ -8,6 +8,7 @@ artifact (`preflight-verdict`). A NO-GO closes the live gate (a NO-GO decision i
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
-    DeploymentFilter,
-    DeploymentFilterName,
+    FlowFilter,
+    FlowFilterName,
     FlowRunFilter,
-    FlowRunFilterDeploymentId,
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
@@ -47,19 +47,16 @@ LOOP_METRICS: dict[str, tuple[int, str]] = {
     "trading-core": (9602, "trading_core_consumed"), "executor": (9603, "trader_executor_consumed"),
     "pnl": (9604, "trader_pnl_consumed"),
 }
-MAINTENANCE_WINDOWS_H = {"lake-compaction": 26, "lake-rotation": 26, "backup": 26}
+MAINTENANCE_WINDOWS_H = {"lake-compaction": 26, "lake-rotation": 26, "backup": 26}  # flow name -> hours
 
 
-async def _last_completed_ms(deployment_name: str) -> int | None:
+async def _last_completed_ms(flow_name: str) -> int | None:
+    """When a run of that flow last completed, scheduled or started by hand."""
     async with get_client() as client:
-        deployments = await client.read_deployments(
-            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment_name])))
-        if not deployments:
-            return None
         runs = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployments[0].id]),
-                                          state=FlowRunFilterState(type=FlowRunFilterStateType(
-                                              any_=[StateType.COMPLETED]))),
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.COMPLETED]))),
             sort=FlowRunSort.END_TIME_DESC, limit=1)
     end = runs[0].end_time if runs else None
     return int(end.timestamp() * 1000) if end else None
@@ -74,9 +71,9 @@ async def _orchestration() -> pf.CheckResult:
     return pf.check_orchestration(automations, [zombie_automation().name], online)
 
 
-async def run_checklist(settings: Settings, url: str, *, live: bool, drill: bool, loops: list[str],
+async def run_checklist(settings: Settings, url: str, *, live: bool, drill: bool, loops: Sequence[str],
                         stream_max_age_s: float, min_free_gb: float, lake_quiet_s: float,
-                        check_maintenance: bool) -> pf.Verdict:
+                        check_maintenance: bool, metrics_ports: Mapping[str, int] | None = None) -> pf.Verdict:
     now = now_ms()
     checks: list[pf.CheckResult] = [pf.check_live_mode(settings.dry_run, live),
                                     pf.check_compiles(ROOT, PACKAGES)]
@@ -103,16 +100,17 @@ async def run_checklist(settings: Settings, url: str, *, live: bool, drill: bool
             checks.append(pf.failed("redis-dependent checks", "not run: Redis is unreachable"))
     finally:
         await client.aclose()
-    endpoints = {loop: (f"http://{settings.metrics_host}:{port}/metrics", [family])
-                 for loop, (port, family) in LOOP_METRICS.items() if loop in loops}
+    ports = {loop: port for loop, (port, _family) in LOOP_METRICS.items()} | dict(metrics_ports or {})
+    endpoints = {loop: (f"http://{settings.metrics_host}:{ports[loop]}/metrics", [family])
+                 for loop, (_port, family) in LOOP_METRICS.items() if loop in loops}
     checks.append(await pf.guarded("metrics endpoints", pf.check_metrics_endpoints(endpoints)))
     checks.append(pf.check_lake(settings.parquet_dir, min_free_bytes=int(min_free_gb * 2**30),
                                 max_quiet_s=lake_quiet_s, now=now))
     checks.append(await pf.guarded("automations and a worker", _orchestration()))
     if check_maintenance:
-        for deployment, hours in MAINTENANCE_WINDOWS_H.items():
-            checks.append(pf.check_ran_within(f"{deployment} ran within {hours} h",
-                                              await _last_completed_ms(deployment), hours * 3_600_000, now))
+        for flow_name, hours in MAINTENANCE_WINDOWS_H.items():
+            checks.append(pf.check_ran_within(f"{flow_name} ran within {hours} h",
+                                              await _last_completed_ms(flow_name), hours * 3_600_000, now))
         checks.append(await asyncio.to_thread(_last_backup_restores, default_backup_dir(settings)))
     checks.append(_credentials(settings, live))
     return pf.Verdict("live" if live else "dry-run", tuple(checks))
@@ -147,7 +145,7 @@ def _credentials(settings: Settings, live: bool) -> pf.CheckResult:
 @flow(name="preflight")
 async def preflight(live: bool = False, drill: bool = True, loops: list[str] | None = None,
                     stream_max_age_s: float = 60.0, min_free_gb: float = 2.0, lake_quiet_s: float = 300.0,
-                    check_maintenance: bool = True) -> dict[str, Any]:
+                    check_maintenance: bool = True, metrics_ports: dict[str, int] | None = None) -> dict[str, Any]:
     """The go-live checklist. `live=true` checks for live trading (DRY_RUN=false, credentials, no
     withdrawal right); the default checks the dry-run stack. NO-GO fails the run."""
     logger = get_run_logger()
@@ -156,7 +154,8 @@ async def preflight(live: bool = False, drill: bool = True, loops: list[str] | N
     with redis_url(settings) as url:
         verdict = await run_checklist(settings, url, live=live, drill=drill, loops=selected,
                                       stream_max_age_s=stream_max_age_s, min_free_gb=min_free_gb,
-                                      lake_quiet_s=lake_quiet_s, check_maintenance=check_maintenance)
+                                      lake_quiet_s=lake_quiet_s, check_maintenance=check_maintenance,
+                                      metrics_ports=metrics_ports)
         if not verdict.go:
             await _close_gate(url, verdict)
     await acreate_table_artifact(key="preflight-checklist", table=[c.row() for c in verdict.checks],

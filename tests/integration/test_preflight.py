@@ -1,0 +1,108 @@
+"""Preflight on a healthy simulated stack is GO; it is NO-GO, naming the failed check, when the kill
+switch is on, a loop is stopped, or Redis is down. A real Prefect server, worker and automation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deployments.automations import upsert_automations
+from flows.maintenance import backup, lake_compaction, lake_rotation
+from flows.preflight import PreflightNoGo, preflight, run_checklist
+from tests.integration.conftest import SimHandle
+from tests.integration.stack import LOOPS, free_port, running_stack, stack_settings
+from trading.bus import KEY_KILL
+from trading.clock import now_ms
+from trading.golive import DECISION_GO, live_gate, record_decision
+from trading.preflight import Status, Verdict
+from trading.processes import stop_process
+from trading.redis_conn import async_client
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def worker(prefect_api: str) -> Iterator[subprocess.Popen[bytes]]:
+    env = dict(os.environ, PREFECT_API_URL=prefect_api)
+    subprocess.run([str(BIN / "prefect"), "work-pool", "create", "local", "--type", "process", "--overwrite"],
+                   env=env, check=True, capture_output=True)
+    process = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "local"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield process
+    finally:
+        stop_process(process, timeout_s=15)
+
+
+def _failed(verdict: Verdict) -> dict[str, str]:
+    return {c.name: c.detail for c in verdict.checks if c.status is Status.FAIL}
+
+
+async def test_preflight_go_then_no_go_for_kill_switch_stopped_loop_and_redis_down(
+        sim: SimHandle, redis_db_url: str, tmp_path: Path, worker: subprocess.Popen[bytes],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    lake = tmp_path / "lake"
+    settings = stack_settings(sim, redis_db_url, lake)
+    monkeypatch.setenv("REDIS_URL", redis_db_url)
+    monkeypatch.setenv("PARQUET_DIR", str(lake))
+    await upsert_automations()
+
+    async def checklist(url: str, ports: dict[str, int]) -> Verdict:
+        return await run_checklist(settings, url, live=False, drill=True, loops=LOOPS, stream_max_age_s=30,
+                                   min_free_gb=0.01, lake_quiet_s=60, check_maintenance=True, metrics_ports=ports)
+
+    async with running_stack(settings, redis_db_url) as stack:
+        await stack.wait_until_running()
+        async with asyncio.timeout(30):  # the streams and today's lake partition have data
+            while not (await stack.client.xlen("bitvavo:ticker24h") and await stack.client.xlen("bitvavo:book")
+                       and any(lake.glob("*/orderbook/top/*.jsonl"))):
+                await asyncio.sleep(0.2)
+        for maintenance in (lake_compaction, lake_rotation, backup):
+            await asyncio.to_thread(maintenance)
+        async with asyncio.timeout(20):  # the worker's first heartbeat
+            while "automations and a worker" in _failed(verdict := await checklist(redis_db_url, stack.ports)):
+                await asyncio.sleep(1)
+        assert verdict.go, _failed(verdict)
+        assert {c.name for c in verdict.checks} >= {
+            "code compiles", "redis reachable, memory below 70%", "kill switch off", "loops running (leases held)",
+            "ingest streams fresh", "signal engine producing", "kill-switch drill", "metrics endpoints",
+            "lake writable, space, today growing", "automations and a worker", "last backup restores"}
+        assert await stack.client.get(KEY_KILL) is None  # the drill put the switch back
+
+        await stack.client.set(KEY_KILL, "1")
+        verdict = await checklist(redis_db_url, stack.ports)
+        assert not verdict.go and "kill switch off" in _failed(verdict)
+        assert await stack.client.get(KEY_KILL) == "1"  # the drill leaves a switch that was on, on
+        await stack.client.delete(KEY_KILL)
+
+        await stack.stop_loop("executor")
+        failed = _failed(await checklist(redis_db_url, stack.ports))
+        assert "executor" in failed["loops running (leases held)"]
+        assert "executor" in failed["metrics endpoints"]
+
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    failed = _failed(await checklist(dead_redis, {}))
+    assert "redis reachable, memory below 70%" in failed
+
+
+async def test_a_no_go_preflight_run_fails_and_closes_the_live_gate(
+        redis_db_url: str, tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_db_url)
+    monkeypatch.setenv("PARQUET_DIR", str(tmp_path / "lake"))
+    client = async_client(redis_db_url)
+    try:
+        await record_decision(client, decision=DECISION_GO, operator="test", reason="test", decided_ms=now_ms(),
+                              valid_for_ms=3_600_000)
+        assert (await live_gate(client, now_ms())).open
+        with pytest.raises(PreflightNoGo, match="loops running"):  # nothing runs here
+            await preflight(drill=False, check_maintenance=False)
+        gate = await live_gate(client, now_ms())
+        assert not gate.open and "NO-GO" in gate.reason
+    finally:
+        await client.aclose()
