@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv up test lint unit bench clean
+.PHONY: venv tools up test lint unit bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# promtool and prometheus (Debian's package, unpacked into .venv/prometheus) for the alert-rule tests;
+# without apt-get it says why and the tests that need them skip.
+tools: venv
+	@bash deployments/prometheus/install_tools.sh
+
 up: venv
 	$(BIN)/python -m deployments.up
 
@@ -21,8 +26,8 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint
-	$(BIN)/pytest -q -p no:cacheprovider
+test: lint tools
+	$(BIN)/pytest -q -rs -p no:cacheprovider
 
 unit: venv
 	$(BIN)/pytest -q tests/unit

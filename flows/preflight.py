@@ -45,7 +45,7 @@ LOOP_METRICS: dict[str, tuple[int, str]] = {
     "ingest:ticker24h": (9611, "ingest_messages"), "ingest:orderbook": (9612, "ingest_messages"),
     "ingest:candles": (9613, "ingest_messages"), "signal-engine": (9601, "trader_signal_engine_consumed"),
     "trading-core": (9602, "trading_core_consumed"), "executor": (9603, "trader_executor_consumed"),
-    "pnl": (9604, "trader_pnl_consumed"),
+    "pnl": (9604, "trader_pnl_consumed"), "ops-metrics": (9605, "trading_ops_redis_up"),
 }
 MAINTENANCE_WINDOWS_H = {"lake-compaction": 26, "lake-rotation": 26, "backup": 26}  # flow name -> hours
 

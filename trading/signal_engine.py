@@ -38,7 +38,7 @@ from trading.bus import SCHEMA_VERSION, STREAM_BOOK, encode_entry
 from trading.clock import now_ms
 from trading.config import MARKET_PATTERN, Settings
 from trading.consumer import ConsumerMetrics, GroupConsumer, RejectEntry, StreamEntry
-from trading.lake import LakeFormatError, LakeWriteError, LakeWriter
+from trading.lake import LakeWriteError, LakeWriter
 from trading.lease import Lease
 from trading.log_sampling import worth_logging
 from trading.loop import every, run_guarded
@@ -116,8 +116,6 @@ class SignalEngine:
         self.summary = SignalEngineSummary(evaluator.strategy.name, settings.signal_stream,
                                            evaluator.params.describe())
         self._uncommitted: tuple[str, Evaluation] | None = None  # the last entry's evaluation and its id
-        self._lake_error: Exception | None = None
-        self._lake_failed = asyncio.Event()
 
     async def load_windows(self) -> None:
         """The windows committed by the previous instance; a corrupt one is dropped (that market restarts)."""
@@ -134,8 +132,6 @@ class SignalEngine:
         await self.consumer.run(self.handle)
 
     async def handle(self, entry: StreamEntry, tx: Pipeline) -> None:
-        if self._lake_error is not None:
-            raise self._lake_error  # the loop is stopping; never move past an unrecorded signal
         started = time.perf_counter()
         last, self._uncommitted = self._uncommitted, None
         if last is not None and last[0] == entry.entry_id:
@@ -172,10 +168,7 @@ class SignalEngine:
         # Before the transaction commits: a crash in between duplicates this row (same signal_id).
         try:
             self.lake.write_batch([{"v": SCHEMA_VERSION, **signal}])
-        except (LakeWriteError, LakeFormatError) as exc:
-            # The consumer would retry an OSError as "Redis down" forever: stop the loop instead.
-            self._lake_error = exc
-            self._lake_failed.set()
+        except LakeWriteError as exc:  # the consumer stops the loop on it; say why here
             log.error("signal engine: lake write failed, stopping: %s", exc)
             raise
         self.summary.lake_rows += 1
@@ -207,11 +200,6 @@ class SignalEngine:
             if worth_logging(summary.signals):
                 log.info("signal engine: signal #%d %s %s strength %s (%s)", summary.signals, market, side,
                          signal["strength"], signal["reason"])
-
-    async def fail_on_lake_error(self) -> None:
-        await self._lake_failed.wait()
-        assert self._lake_error is not None
-        raise self._lake_error
 
     async def refresh_gauges(self) -> None:
         await self.consumer.refresh_gauges()
@@ -267,7 +255,7 @@ async def run_signal_engine(settings: Settings, *, redis_url: str, duration_s: f
             endpoint.stop()
 
     def work(_lease: Lease) -> list[Coroutine[Any, Any, None]]:
-        return [serve_metrics(), engine.consume(), engine.fail_on_lake_error(),
+        return [serve_metrics(), engine.consume(),
                 every(gauge_interval_s, engine.refresh_gauges, swallow=(RedisError, OSError))]
 
     try:

@@ -87,7 +87,7 @@ def test_every_deployment_registers_and_the_scheduler_creates_runs(prefect_serve
         registered = {d.name: d for d in client.read_deployments()}
         assert set(registered) == {d["name"] for d in DEPLOYMENTS}
         assert set(LOOPS) == {"ingest-ticker24h", "ingest-orderbook", "ingest-candles", "signal-engine",
-                              "trading-core", "executor", "pnl-orchestrator"}
+                              "trading-core", "executor", "pnl-orchestrator", "ops-metrics"}
         for spec in DEPLOYMENTS:
             deployment = registered[spec["name"]]
             if spec["name"] in LOOPS or spec.get("schedules"):

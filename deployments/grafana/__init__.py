@@ -1,0 +1,1 @@
+"""The Grafana dashboard, built as code with grafana-foundation-sdk."""

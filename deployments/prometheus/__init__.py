@@ -1,0 +1,1 @@
+"""Prometheus: scrape config generated from the metrics catalogue, alert rules, their promtool tests."""
