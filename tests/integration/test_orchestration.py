@@ -30,7 +30,7 @@ from trading.processes import stop_process
 BIN = Path(sys.executable).parent
 DEPLOYMENTS = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
 LOOPS = [d["name"] for d in DEPLOYMENTS if "long-running" in d.get("tags", [])]
-OPS = ("kill-switch", "go-live")
+OPS = ("kill-switch", "go-live", "flatten")
 
 
 @pytest.fixture(scope="module")
