@@ -431,9 +431,8 @@ async def run_pipeline(settings: Settings, redis_url: str, redis_pid: int | None
                                                    gc_timer.collections[2]),
                                 redis_cpu_s=redis_cpu_s, in_redis=written, aborted=aborted, feeder=feeder_stats)
         if aborted:
-            # Do not let the loop's shutdown flush push a multi-GB backlog through the lake and Redis.
-            sink._rows.clear()
-            sink._entries.clear()
+            # Do not let the loop's shutdown flush push a multi-GB backlog through Redis.
+            publisher.drop_pending()
         if profiler is not None:
             out = io.StringIO()
             pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)

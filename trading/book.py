@@ -85,12 +85,15 @@ class OrderBook:
         self.nonce = snapshot.nonce
 
     def apply_wire(self, frame: dict[str, Any]) -> None:
-        """Apply a `book` event's levels and take its nonce (nonce order is BookSync's job)."""
+        """Apply a `book` event's levels and take its nonce (nonce order is BookSync's job).
+
+        A side may be absent or null (no change); anything else that is not a list is refused,
+        so an applied event's sides are always level lists or absent."""
         bids = frame.get("bids")
-        if bids:
+        if bids or (bids is not None and type(bids) is not list):
             self._bids.apply_wire(bids, "bids")
         asks = frame.get("asks")
-        if asks:
+        if asks or (asks is not None and type(asks) is not list):
             self._asks.apply_wire(asks, "asks")
         self.nonce = frame["nonce"]
 

@@ -8,8 +8,9 @@ value", so a reader never has to tell "" from a real empty string). Floats are r
 and prices are Decimal. Every entry must carry `ts`; market data also carries `recv_ts`.
 
 `StreamPublisher` is for market data, where the lake (written first, independently) is the
-record and Redis is the live bus: while Redis is down it drops batches and counts them
-instead of stalling the ingest loop, and retries after a capped, jittered backoff.
+record and Redis is the live bus: it writes batches in the background, and while Redis is
+down it drops batches and counts them instead of stalling the ingest loop, and retries after
+a capped, jittered backoff.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -234,18 +236,29 @@ def decode_entry(raw: Mapping[Any, Any], schema: Schema | None = None, *,
     return out
 
 
-# One round trip per batch: the entries travel as one JSON argument and the script XADDs them.
-# redis-py's asyncio pipeline packs every argument in Python and tops out near 10k XADD/s on a
-# slow 2-core box; this path measured about 4x that there, most of it the Python-side encode.
+# One round trip per batch: the entries travel as one JSON argument, grouped by stream (each entry
+# a flat array of field/value strings), and the script XADDs them in order. redis-py's asyncio
+# pipeline packs every argument in Python and tops out near 10k XADD/s on a slow 2-core box; this
+# path measured about 4x that there.
 _XADD_BATCH_LUA = """
 local maxlens = cjson.decode(ARGV[1])
-local entries = cjson.decode(ARGV[2])
-for i = 1, #entries do
-  local e = entries[i]
-  redis.call('XADD', KEYS[e[1]], 'MAXLEN', '~', maxlens[e[1]], '*', unpack(e, 2))
+local groups = cjson.decode(ARGV[2])
+local written = 0
+for k = 1, #groups do
+  local key, maxlen, entries = KEYS[k], maxlens[k], groups[k]
+  for i = 1, #entries do
+    redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', unpack(entries[i]))
+  end
+  written = written + #entries
 end
-return #entries
+return written
 """
+
+
+def encoded_entry(fields: Mapping[str, Any], *, v: int = SCHEMA_VERSION) -> bytes:
+    """One entry as `StreamPublisher.add_encoded` takes it: the JSON array of its field/value strings
+    in `encode_entry`'s order. Raises `EntryEncodeError` for a value the contract cannot carry."""
+    return orjson.dumps(list(chain.from_iterable(_encoded_items(fields, v))))
 
 
 @dataclass
@@ -260,20 +273,50 @@ class PublisherStats:
     last_error: str = ""
 
 
+class _Batch:
+    """Encoded entries, grouped by stream in first-seen order (per-stream order kept)."""
+
+    __slots__ = ("bodies", "size")
+
+    def __init__(self) -> None:
+        self.bodies: dict[str, bytearray] = {}  # stream -> its entries' JSON arrays, comma-separated
+        self.size = 0
+
+
+def _payload(batches: list[_Batch]) -> tuple[list[str], bytes]:
+    """KEYS and the entries argument of one Lua call carrying `batches`, in order."""
+    bodies: dict[str, list[bytearray]] = {}
+    for batch in batches:
+        for stream, body in batch.bodies.items():
+            bodies.setdefault(stream, []).append(body)
+    return list(bodies), b"[[" + b"],[".join(b",".join(parts) for parts in bodies.values()) + b"]]"
+
+
 class StreamPublisher:
     """Batches encoded entries and XADDs each batch in one round trip, trimmed with MAXLEN ~.
 
-    `publish()` buffers; a full batch is sent in the background while the caller goes on
-    encoding the next one (one batch in flight, so order is kept). Call `flush()` when the
-    input goes idle. A failed write drops its batch (counted), marks Redis down and opens a
-    backoff window in which batches are dropped without touching the network; the first
-    write after the window is the reconnect attempt.
+    Entries are encoded when they are added (a bad one is refused then, and nothing else is
+    affected) and cut into batches of `batch_size`. One background writer sends released
+    batches in order, one call at a time (with up to `batches_per_call` batches when they queue
+    up), so per-stream order is kept and the caller never waits for Redis unless it asks to:
+
+    - `publish()` adds an entry and, once a batch is full, waits for the batch before it to be
+      written and releases it: one batch in flight while the caller encodes the next.
+    - `add()`/`add_encoded()` only buffer; `release()` hands everything buffered to the writer
+      (the ingest sink releases right after the lake write, so Redis never runs ahead of the
+      lake). `unsent` and `wait_unsent_below()` let such a caller bound what waits for Redis.
+    - `flush()` releases everything and waits until it is written.
+
+    A failed write drops its batch (counted), marks Redis down and opens a backoff window in
+    which batches are dropped without touching the network; the first write after the window is
+    the reconnect attempt.
     """
 
     def __init__(self, url: str, *, maxlen: int = 100_000, maxlen_by_stream: Mapping[str, int] | None = None,
-                 batch_size: int = 500, timeout_s: float = 2.0, backoff: Backoff | None = None) -> None:
-        if maxlen <= 0 or batch_size <= 0:
-            raise ValueError("maxlen and batch_size must be positive")
+                 batch_size: int = 500, batches_per_call: int = 4, timeout_s: float = 2.0,
+                 backoff: Backoff | None = None) -> None:
+        if maxlen <= 0 or batch_size <= 0 or batches_per_call <= 0:
+            raise ValueError("maxlen, batch_size and batches_per_call must be positive")
         self._client = async_client(url)
         # The publisher has its own backoff; redis-py's default retries would stall the hot path.
         self._client.set_retry(Retry(NoBackoff(), 0))
@@ -281,13 +324,17 @@ class StreamPublisher:
         self._maxlen = maxlen
         self._maxlen_by_stream = dict(maxlen_by_stream or {})
         self._batch_size = batch_size
+        self._batches_per_call = batches_per_call
         self._timeout_s = timeout_s
         self._backoff = backoff or Backoff(base_s=0.1, cap_s=5.0)
         self._retry_at = 0.0
-        self._keys: list[str] = []  # streams of the pending batch; an entry names its stream by 1-based index
-        self._key_index: dict[str, int] = {}
-        self._entries: list[list[Any]] = []
-        self._in_flight: asyncio.Task[bool] | None = None
+        self._open = _Batch()          # being filled
+        self._held: list[_Batch] = []  # full, not released yet
+        self._held_entries = 0
+        self._queue: deque[_Batch] = deque()  # released, waiting for (or in) the writer
+        self._unsent = 0
+        self._writer: asyncio.Task[bool] | None = None  # drains the queue; its result: did the last write land
+        self._progress: list[asyncio.Future[None]] = []  # waiters of wait_unsent_below
         self._redis_up = False
         self.stats = PublisherStats()
 
@@ -298,52 +345,117 @@ class StreamPublisher:
 
     @property
     def pending(self) -> int:
-        """Entries buffered and not yet handed to a write."""
-        return len(self._entries)
+        """Entries buffered and not yet handed to the writer."""
+        return self._held_entries + self._open.size
+
+    @property
+    def unsent(self) -> int:
+        """Entries handed to the writer whose write has not finished yet."""
+        return self._unsent
+
+    def add(self, stream: str, fields: Mapping[str, Any], *, v: int = SCHEMA_VERSION) -> None:
+        """Encode and buffer one entry until `release()` (or a `publish()` that releases)."""
+        self.add_encoded(stream, encoded_entry(fields, v=v))
+
+    def add_encoded(self, stream: str, entry: bytes) -> None:
+        """Buffer one entry already encoded as `encoded_entry` makes it (the caller vouches for it)."""
+        batch = self._open
+        body = batch.bodies.get(stream)
+        if body is None:
+            batch.bodies[stream] = bytearray(entry)
+        else:
+            body += b","
+            body += entry
+        batch.size += 1
+        if batch.size >= self._batch_size:
+            self._held.append(batch)
+            self._held_entries += batch.size
+            self._open = _Batch()
 
     async def publish(self, stream: str, fields: Mapping[str, Any], *, v: int = SCHEMA_VERSION) -> None:
-        entry: list[Any] = [0]
-        entry.extend(chain.from_iterable(_encoded_items(fields, v)))
-        position = self._key_index.get(stream)
-        if position is None:
-            self._keys.append(stream)
-            position = self._key_index[stream] = len(self._keys)
-        entry[0] = position
-        self._entries.append(entry)
-        if len(self._entries) >= self._batch_size:
-            await self._send_pending()
+        self.add(stream, fields, v=v)
+        if self._held:
+            await self._wait_idle()
+            self.release()
+
+    def release(self) -> None:
+        """Hand every buffered entry to the background writer (a partial batch too)."""
+        if self._open.size:
+            self._held.append(self._open)
+            self._held_entries += self._open.size
+            self._open = _Batch()
+        if not self._held:
+            return
+        self._queue.extend(self._held)
+        self._unsent += self._held_entries
+        self._held, self._held_entries = [], 0
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+
+    def drop_pending(self) -> None:
+        """Drop the buffered entries not yet released (counted in `entries_dropped`)."""
+        self.stats.entries_dropped += self.pending
+        self._open, self._held, self._held_entries = _Batch(), [], 0
+
+    async def wait_unsent_below(self, limit: int) -> None:
+        """Return once fewer than `limit` released entries wait for Redis."""
+        loop = asyncio.get_running_loop()
+        while self._unsent >= limit and self._writer is not None and not self._writer.done():
+            waiter = loop.create_future()
+            self._progress.append(waiter)
+            await waiter
 
     async def flush(self) -> bool:
-        """Write everything pending; True when the last batch reached Redis (or nothing was pending)."""
-        if self._entries:
-            await self._send_pending()
-        task = self._in_flight
-        if task is None:
+        """Write everything buffered; True when the last batch reached Redis (or nothing was pending)."""
+        self.release()
+        writer = self._writer
+        if writer is None:
             return True
-        written = await asyncio.shield(task)
-        if self._in_flight is task:
-            self._in_flight = None
+        written = await asyncio.shield(writer)
+        if self._writer is writer:
+            self._writer = None
         return written
 
-    async def _send_pending(self) -> None:
-        if self._in_flight is not None:
-            # One batch in flight keeps stream order and bounds memory. Shielded: a caller's
-            # timeout must not cancel a write that the next batch will wait for.
-            await asyncio.shield(self._in_flight)
-        keys, entries = self._keys, self._entries
-        self._keys, self._key_index, self._entries = [], {}, []
-        self._in_flight = asyncio.create_task(self._write(keys, entries))
+    async def _wait_idle(self) -> None:
+        # Shielded: a caller's timeout must not cancel writes that later batches wait for.
+        if self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
 
-    async def _write(self, keys: list[str], entries: list[list[Any]]) -> bool:
+    async def _drain(self) -> bool:
+        written = True
+        queue = self._queue
+        try:
+            while queue:
+                # The writer runs only when the caller yields, which may be seldom under load: one
+                # round trip then takes every batch queued meanwhile (up to batches_per_call).
+                batches = [queue[i] for i in range(min(len(queue), self._batches_per_call))]
+                written = await self._write(batches)
+                for batch in batches:
+                    queue.popleft()
+                    self._unsent -= batch.size
+                self._wake_waiters()
+        finally:
+            self._wake_waiters()
+        return written
+
+    def _wake_waiters(self) -> None:
+        waiters, self._progress = self._progress, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _write(self, batches: list[_Batch]) -> bool:
+        size = sum(batch.size for batch in batches)
         if not self._redis_up and time.monotonic() < self._retry_at:
-            self.stats.entries_dropped += len(entries)
+            self.stats.entries_dropped += size
             return False
+        keys, payload = _payload(batches)
         maxlens = [str(self._maxlen_by_stream.get(key, self._maxlen)) for key in keys]
         try:
             async with asyncio.timeout(self._timeout_s):
-                await self._script(keys=keys, args=[orjson.dumps(maxlens), orjson.dumps(entries)])
+                await self._script(keys=keys, args=[orjson.dumps(maxlens), payload])
         except (redis.RedisError, OSError, TimeoutError) as exc:
-            self._on_failure(exc, len(entries))
+            self._on_failure(exc, size)
             return False
         if not self._redis_up:
             self._redis_up = True
@@ -351,8 +463,8 @@ class StreamPublisher:
             if self.stats.batches_failed:
                 self.stats.reconnects += 1
                 log.info("redis is back: stream writes resumed")
-        self.stats.batches_written += 1
-        self.stats.entries_written += len(entries)
+        self.stats.batches_written += len(batches)
+        self.stats.entries_written += size
         return True
 
     def _on_failure(self, exc: BaseException, size: int) -> None:

@@ -184,3 +184,62 @@ async def test_a_caller_timeout_neither_breaks_the_publisher_nor_loses_entries()
     finally:
         await publisher.aclose()
         server.stop()
+
+
+async def test_added_entries_wait_for_release_then_go_out_in_order_per_stream(redis_db_url: str) -> None:
+    client = sync_client(redis_db_url)
+    async with StreamPublisher(redis_db_url, batch_size=3, batches_per_call=2) as publisher:
+        for nonce in range(10):
+            publisher.add("a", _top(nonce))
+            publisher.add("b", _top(100 + nonce))
+        await asyncio.sleep(0.05)
+        assert publisher.pending == 20 and publisher.unsent == 0
+        assert client.xlen("a") == 0  # nothing leaves before release()
+        publisher.release()
+        assert publisher.pending == 0 and publisher.unsent == 20
+        await publisher.wait_unsent_below(1)
+        assert publisher.unsent == 0
+    try:
+        assert [int(f["nonce"]) for _, f in client.xrange("a")] == list(range(10))
+        assert [int(f["nonce"]) for _, f in client.xrange("b")] == list(range(100, 110))
+        # 7 batches (the last one partial), sent two per call when they queue up
+        assert publisher.stats.batches_written == 7 and publisher.stats.entries_written == 20
+    finally:
+        client.close()
+
+
+async def test_dropped_pending_entries_are_counted_and_never_sent(redis_db_url: str) -> None:
+    async with StreamPublisher(redis_db_url) as publisher:
+        publisher.add(STREAM_BOOK, _top(1))
+        publisher.drop_pending()
+        publisher.add(STREAM_BOOK, _top(2))
+    assert publisher.stats.entries_dropped == 1 and publisher.stats.entries_written == 1
+    client = sync_client(redis_db_url)
+    try:
+        assert [fields["nonce"] for _, fields in client.xrange(STREAM_BOOK)] == ["2"]
+    finally:
+        client.close()
+
+
+async def test_waiting_for_room_lasts_until_a_stalled_redis_answers() -> None:
+    server = EmbeddedRedis()
+    server.start()
+    publisher = StreamPublisher(server.url, batch_size=2, timeout_s=10.0)
+    assert server.pid is not None
+    try:
+        for nonce in range(6):
+            publisher.add(STREAM_BOOK, _top(nonce))
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            publisher.release()
+            room = asyncio.ensure_future(publisher.wait_unsent_below(3))
+            await asyncio.sleep(0.3)
+            assert not room.done() and publisher.unsent == 6
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        await asyncio.wait_for(room, 5)
+        assert await publisher.flush()
+        assert publisher.stats.entries_written == 6
+    finally:
+        await publisher.aclose()
+        server.stop()

@@ -123,3 +123,19 @@ def test_replayed_events_are_reported_with_the_book_they_produced() -> None:
     assert sync.on_snapshot(snap(10, [("100", "1")], [("102", "1")]),
                             lambda frame: tops.append((frame["nonce"], sync.book.best_bid())))
     assert tops == [(11, (D(100), D(2))), (12, (D(101), D(1)))]
+
+
+@pytest.mark.parametrize("side", [{}, 0, "", False, {"100": "1"}, "100"])
+def test_a_side_that_is_not_a_list_is_rejected_even_when_empty(side: object) -> None:
+    sync = BookSync("BTC-EUR")
+    sync.on_snapshot(snap(5, [("1", "1")], [("2", "1")]))
+    with pytest.raises(PayloadError, match="asks must be a list"):
+        sync.on_update({"event": "book", "market": "BTC-EUR", "nonce": 6, "bids": [], "asks": side})
+    assert sync.state is SyncState.AWAITING_SNAPSHOT
+
+
+def test_an_absent_or_null_side_is_no_change() -> None:
+    sync = BookSync("BTC-EUR")
+    sync.on_snapshot(snap(5, [("1", "1")], [("2", "1")]))
+    assert sync.on_update({"event": "book", "market": "BTC-EUR", "nonce": 6, "bids": None}) is UpdateOutcome.APPLIED
+    assert sync.book.bids() == [(D(1), D(1))] and sync.book.asks() == [(D(2), D(1))]

@@ -209,6 +209,47 @@ def test_a_closed_writer_refuses_to_write(tmp_path: Path) -> None:
         writer.write_batch(_rows(1))
 
 
+def test_added_rows_reach_the_file_only_at_flush_in_order_and_placed_by_time(tmp_path: Path) -> None:
+    with LakeWriter(tmp_path, "ticker24h") as writer:
+        writer.add_row({"recv_ts": T0, "nonce": 1})
+        writer.add_line(T0 + HOUR, b'{"recv_ts":%d,"nonce":2}\n' % (T0 + HOUR))
+        writer.add_row({"recv_ts": T0, "bid": Decimal("1.50")})
+        assert not writer.path_for(T0).exists()  # nothing written before flush()
+        assert writer.flush() == 3
+        assert writer.flush() == 0  # nothing added since
+        writer.add_row({"recv_ts": T0, "nonce": 3})  # close() writes it: added rows are never dropped
+    assert list(read_jsonl(writer.path_for(T0))) == [{"recv_ts": T0, "nonce": 1}, {"recv_ts": T0, "bid": "1.5"},
+                                                     {"recv_ts": T0, "nonce": 3}]
+    assert list(read_jsonl(writer.path_for(T0 + HOUR))) == [{"recv_ts": T0 + HOUR, "nonce": 2}]
+    assert writer.stats.rows_written == 4 and writer.stats.batches_written == 2
+
+
+def test_a_row_that_cannot_be_encoded_is_refused_when_added(tmp_path: Path) -> None:
+    with LakeWriter(tmp_path, "events") as writer:
+        writer.add_row({"ts": T0, "nonce": 1})
+        with pytest.raises(LakeFormatError, match="serializable"):
+            writer.add_row({"ts": T0, "x": object()})
+        with pytest.raises(LakeFormatError, match="none of"):
+            writer.add_row({"type": "no time"})
+        assert writer.flush() == 1
+
+
+def test_a_failed_flush_raises_and_does_not_write_the_batch_twice(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(fd: int, data: memoryview) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with LakeWriter(tmp_path, "ticker24h") as writer:
+        writer.add_row({"recv_ts": T0, "nonce": 1})
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "write", fail)
+            with pytest.raises(LakeWriteError, match="NOT recorded"):
+                writer.flush()
+        writer.add_row({"recv_ts": T0, "nonce": 2})
+        assert writer.flush() == 1
+    assert [r["nonce"] for r in read_jsonl(writer.path_for(T0))] == [2]
+
+
 def test_a_batch_that_fails_halfway_is_cut_back_so_no_torn_line_follows(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     real_write = os.write

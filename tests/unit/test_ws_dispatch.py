@@ -4,6 +4,7 @@ import asyncio
 import random
 from typing import Any
 
+import aiohttp
 import pytest
 
 from trading.backoff import Backoff
@@ -80,3 +81,38 @@ def test_a_websocket_ban_reaches_the_rate_governor() -> None:
     client._dispatch(b'{"action":"getBook","errorCode":105,"error":"Your IP or API key has been banned for not '
                      b'respecting the rate limit. The ban expires at 4102444800000."}')
     assert governor.state().banned_until_ms == 4102444800000
+
+
+class _BufferedSocket:
+    """Stands in for aiohttp's socket while frames are queued: receive() returns without suspending,
+    which a real socket does only for as long as its buffer happens to hold frames."""
+
+    def __init__(self, frames: int) -> None:
+        self._left = frames
+
+    async def receive(self) -> aiohttp.WSMessage:
+        if not self._left:
+            return aiohttp.WSMessage(aiohttp.WSMsgType.CLOSED, None, None)
+        self._left -= 1
+        return aiohttp.WSMessage(aiohttp.WSMsgType.TEXT, b'{"event":"book","market":"BTC-EUR","nonce":1}', None)
+
+
+async def test_a_feed_that_never_runs_dry_still_lets_other_tasks_run() -> None:
+    turns = 0
+    turns_seen: list[int] = []
+
+    async def other_task() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    client = BitvavoWebSocket("ws://127.0.0.1:1/v2/", on_event=lambda frame: turns_seen.append(turns))
+    other = asyncio.create_task(other_task())
+    await asyncio.sleep(0)
+    try:
+        await client._read_loop(_BufferedSocket(1000))  # type: ignore[arg-type]
+    finally:
+        other.cancel()
+    assert len(turns_seen) == 1000
+    assert turns_seen[-1] - turns_seen[0] >= 5  # the other task ran while the burst was read

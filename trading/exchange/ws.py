@@ -8,7 +8,8 @@
   raises the typed `BitvavoError` of the error frame. Requests in flight when the socket drops
   fail with `ConnectionResetError`.
 - Stream events go to `on_event(frame)` (a plain callable: it is the hot path). Error frames
-  that answer no request (e.g. a rejected subscribe) go to `on_error_frame`.
+  that answer no request (e.g. a rejected subscribe) go to `on_error_frame`. The read loop gives
+  other tasks a turn every 100 frames, so a feed that never runs dry cannot starve them.
 - A socket with subscriptions that delivers nothing for `silence_timeout_s` is treated as dead.
   Protocol pings keep idle sockets honest (aiohttp heartbeat).
 """
@@ -20,7 +21,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -45,9 +46,12 @@ FlowControl = Callable[[], Awaitable[None] | None]
 # Actions whose effect is not safe to assume either way when the reply is lost.
 _UNSAFE_ACTIONS = frozenset({"privateCreateOrder", "privateUpdateOrder", "privateCancelOrder",
                              "privateCancelOrders", "privateCancelOrdersAfter"})
+# The read loop lets other tasks run after this many frames in a row (a few ms of work).
+_FRAMES_PER_YIELD = 100
 # A socket carrying only these channels may be silent for long and still be healthy.
 _QUIET_CHANNELS = frozenset({"account"})
 EventHandler = Callable[[dict[str, Any]], None]
+_Socket = aiohttp.ClientWebSocketResponse[Literal[False]]  # text frames as bytes (decode_text=False)
 ConnectHook = Callable[[], Awaitable[None] | None]
 
 
@@ -96,7 +100,7 @@ class BitvavoWebSocket:
         self.subscriptions: dict[Channel, set[str]] = {}
         self.acked_subscriptions: dict[str, Any] = {}
         self.authenticated = False
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._ws: _Socket | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._auth_future: asyncio.Future[None] | None = None
         self._next_request_id = 1
@@ -185,8 +189,10 @@ class BitvavoWebSocket:
     # connection lifecycle ----------------------------------------------------------------------
 
     async def _connect_and_read(self, session: aiohttp.ClientSession) -> None:
+        # decode_text=False: text frames arrive as bytes, which orjson parses without a str copy.
         self._ws = await session.ws_connect(self.url, heartbeat=self.heartbeat_s, autoping=True,
-                                            max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
+                                            max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+                                            decode_text=False)
         self.stats.connects += 1
         self.stats.last_message_ms = now_ms()
         connection = self._ws
@@ -228,7 +234,7 @@ class BitvavoWebSocket:
         if self._auth_future is not None and not self._auth_future.done():
             self._auth_future.set_exception(WebSocketClosedError("websocket closed during authenticate"))
 
-    async def _watch_silence(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _watch_silence(self, ws: _Socket) -> None:
         """Close a socket whose market-data subscriptions deliver nothing for `silence_timeout_s`.
 
         Not the receive timeout: aiohttp restarts that on every PONG, so a server that answers
@@ -244,8 +250,9 @@ class BitvavoWebSocket:
                 await ws.close()
                 return
 
-    async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _read_loop(self, ws: _Socket) -> None:
         started = asyncio.get_running_loop().time()
+        since_yield = 0
         while True:
             message = await ws.receive()
             if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
@@ -254,6 +261,12 @@ class BitvavoWebSocket:
                     pause = self._flow_control()
                     if pause is not None:
                         await pause
+                # receive() does not suspend while frames are queued, so a busy feed would starve every
+                # other task (the consumer's Redis writes, lease renewal, timers): give them a turn.
+                since_yield += 1
+                if since_yield >= _FRAMES_PER_YIELD:
+                    since_yield = 0
+                    await asyncio.sleep(0)
                 # A connection that stayed up a while earns a fresh backoff.
                 if self.backoff.attempt and asyncio.get_running_loop().time() - started > 10:
                     self.backoff.reset()
@@ -309,7 +322,7 @@ class BitvavoWebSocket:
     # protocol helpers --------------------------------------------------------------------------
 
     async def _send(self, frame: dict[str, Any], *, weight: int = 1,
-                    connection: aiohttp.ClientWebSocketResponse | None = None) -> None:
+                    connection: _Socket | None = None) -> None:
         """Send on `connection` (default: the current socket). A frame meant for a socket that was
         replaced while we waited for rate budget is not sent on the new one."""
         target = connection or self._ws
@@ -320,7 +333,7 @@ class BitvavoWebSocket:
         await target.send_str(orjson.dumps(frame).decode())
 
     async def _send_difference(self, sent: dict[Channel, set[str]],
-                               connection: aiohttp.ClientWebSocketResponse) -> None:
+                               connection: _Socket) -> None:
         added: dict[Channel, set[str]] = {}
         removed: dict[Channel, set[str]] = {}
         for channel in set(sent) | set(self.subscriptions):
@@ -335,7 +348,7 @@ class BitvavoWebSocket:
             await self._send_subscription("unsubscribe", removed, connection=connection)
 
     async def _send_subscription(self, action: str, channels: dict[Channel, set[str]], *,
-                                 connection: aiohttp.ClientWebSocketResponse | None = None) -> None:
+                                 connection: _Socket | None = None) -> None:
         payload = []
         for (name, interval), markets in sorted(channels.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
             entry: dict[str, Any] = {"name": name, "markets": sorted(markets)}

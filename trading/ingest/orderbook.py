@@ -20,6 +20,7 @@ from trading.decimals import format_decimal
 from trading.exchange.live_book import LiveBooks
 from trading.exchange.models import BookSnapshot, Level
 from trading.gaps import GapKind, GapRecord
+from trading.ingest.book_rows import BookRowEncoder
 from trading.ingest.runner import HandlerBase, IngestContext, record_reconnect_window
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class OrderbookIngest(HandlerBase):
         self._last_periodic_ms = now_ms()
         self._parse_errors_seen = 0
         self._message_counts: dict[str, int] = {}
-        self._top_cache: dict[str, tuple[Level | None, Level | None, dict[str, str]]] = {}
+        self._encoders: dict[str, BookRowEncoder] = {}
         self._lag_sample_ms: int | None = None
 
     def attach(self, context: IngestContext) -> None:
@@ -67,6 +68,7 @@ class OrderbookIngest(HandlerBase):
         for market in removed:
             self.books.remove_market(market)
             self._open_gaps.pop(market, None)
+            self._encoders.pop(market, None)
             self.last_message_ms.pop(market, None)
 
     def on_event(self, frame: dict[str, Any]) -> None:
@@ -121,27 +123,16 @@ class OrderbookIngest(HandlerBase):
         ts = timestamp // 1_000_000 if type(timestamp) is int else recv_ts
         market, nonce = sync.market, frame["nonce"]
         self._last_ts[market] = ts
-        sink = self.context.sink
-        sink.emit(UPDATE_CHANNEL, {"v": SCHEMA_VERSION, "ts": ts, "recv_ts": recv_ts, "market": market,
-                                   "nonce": nonce, "bids": frame.get("bids", []), "asks": frame.get("asks", [])},
-                  STREAM_ORDERBOOK_UPDATE)
-        top: dict[str, Any] = {"v": SCHEMA_VERSION, "ts": ts, "recv_ts": recv_ts, "market": market, "nonce": nonce}
-        top.update(self._top_fields(market, bid, ask))
-        sink.emit(TOP_CHANNEL, top, STREAM_BOOK)
         self._lag_sample_ms = recv_ts - ts
-
-    def _top_fields(self, market: str, bid: Level | None, ask: Level | None) -> dict[str, str]:
-        """The top of book as contract strings; most updates leave it unchanged, so reuse the last."""
-        cached = self._top_cache.get(market)
-        if cached is not None and cached[0] == bid and cached[1] == ask:
-            return cached[2]
-        fields: dict[str, str] = {}
-        if bid is not None:
-            fields["bid"], fields["bid_size"] = format_decimal(bid[0]), format_decimal(bid[1])
-        if ask is not None:
-            fields["ask"], fields["ask_size"] = format_decimal(ask[0]), format_decimal(ask[1])
-        self._top_cache[market] = (bid, ask, fields)
-        return fields
+        encoder = self._encoders.get(market)
+        if encoder is None:
+            encoder = self._encoders[market] = BookRowEncoder(market)
+        # The book applied these, so they are lists of [price, size] strings (or absent).
+        line, entry = encoder.update(ts, recv_ts, nonce, frame.get("bids") or [], frame.get("asks") or [])
+        emit = self.context.sink.emit_encoded
+        emit(UPDATE_CHANNEL, recv_ts, line, STREAM_ORDERBOOK_UPDATE, entry)
+        line, entry = encoder.top(ts, recv_ts, nonce, bid, ask)
+        emit(TOP_CHANNEL, recv_ts, line, STREAM_BOOK, entry)
 
     def _on_gap(self, gap: Gap) -> None:
         now = now_ms()

@@ -6,8 +6,9 @@ around it:
 - the market selection and a universe watcher that subscribes/unsubscribes without a restart;
 - one `BitvavoWebSocket` whose events go straight to the handler (the hot path: no Prefect,
   no logging per message);
-- an `IngestSink` flushed every `flush_interval_s`: the lake first (a disk error stops the loop
-  loudly), then the Redis streams (a Redis outage is counted and survived: the lake has it);
+- an `IngestSink` flushed every `flush_interval_s` (sooner when rows pile up): the lake first (a
+  disk error stops the loop loudly), then the Redis streams, written in the background while the
+  socket is read on (a Redis outage is counted and survived: the lake has it);
 - the `ingest_*` metrics endpoint on 127.0.0.1;
 - an optional `duration_s` after which it stops cleanly (tests, demos, bounded segments).
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
-from trading.bus import StreamPublisher
+from trading.bus import StreamPublisher, encoded_entry
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.exchange.governor import RateGovernor, budget_identity, shared_governor
@@ -41,56 +41,100 @@ log = logging.getLogger(__name__)
 
 
 class IngestSink:
-    """Rows buffered per lake channel (and stream); `flush()` writes the lake, then Redis.
+    """Rows encoded as they are emitted, per lake channel and stream; `flush()` writes the lake,
+    then releases the stream entries to the publisher's background writer.
 
-    `backpressure()` is the socket reader's flow control: above `high_water` pending rows it
-    returns a flush for the reader to await, so a feed faster than Redis slows the reader down
-    instead of growing memory without bound. Flushes are serialised to keep stream order.
+    Nothing in here waits for Redis: the socket reader goes on reading while a batch is in
+    flight. `backpressure()` is the reader's flow control, called after every event: from
+    `flush_rows` pending rows on it asks the flush loop for a flush (and yields once so that it
+    runs); while `high_water` released entries still wait for Redis it makes the reader wait
+    until half of them are written, so a feed faster than Redis slows the reader down instead
+    of growing memory without bound. Entries reach Redis in emit order per stream.
     """
 
     def __init__(self, lake_root: Path, publisher: StreamPublisher, *, fsync: bool = False,
-                 high_water: int = 5_000) -> None:
+                 flush_rows: int = 1_000, high_water: int = 20_000) -> None:
         self._lake_root = lake_root
         self._publisher = publisher
         self._fsync = fsync
         self._writers: dict[str, LakeWriter] = {}
-        self._rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        self._entries: list[tuple[str, dict[str, Any]]] = []
         self.rows_written = 0
         self.streams: set[str] = set()
+        self.flush_rows = flush_rows
         self.high_water = high_water
         self._pending_rows = 0
-        self._flush_lock = asyncio.Lock()
+        self._flush_due = asyncio.Event()
 
-    def emit(self, lake_channel: str, row: dict[str, Any], stream: str | None = None) -> None:
-        self._pending_rows += 1
-        self._rows[lake_channel].append(row)
-        if stream is not None:
-            self._entries.append((stream, row))
+    def emit(self, lake_channel: str, row: Mapping[str, Any], stream: str | None = None) -> None:
+        """One row for the lake channel and, when given, the stream. It is encoded for both now: a
+        row either form cannot carry raises here, and then neither has it."""
+        if stream is None:
+            self._writer(lake_channel).add_row(row)
+        else:
+            entry = encoded_entry(row)
+            self._writer(lake_channel).add_row(row)
+            self._publisher.add_encoded(stream, entry)
             self.streams.add(stream)
+        self._pending_rows += 1
+
+    def emit_encoded(self, lake_channel: str, ts_ms: int, line: bytes, stream: str, entry: bytes) -> None:
+        """One row already encoded: its lake line (placed by `ts_ms`) and its stream entry, exactly as
+        `emit` would encode them (see `LakeWriter.add_line`, `StreamPublisher.add_encoded`)."""
+        writer = self._writers.get(lake_channel) or self._writer(lake_channel)
+        writer.add_line(ts_ms, line)
+        self._publisher.add_encoded(stream, entry)
+        self.streams.add(stream)
+        self._pending_rows += 1
 
     def backpressure(self) -> Awaitable[None] | None:
-        return self.flush() if self._pending_rows >= self.high_water else None
+        if self._pending_rows < self.flush_rows:
+            return None
+        if self._publisher.unsent >= self.high_water:
+            self._flush_due.set()
+            return self._publisher.wait_unsent_below(self.high_water // 2)
+        if self._flush_due.is_set():
+            return None  # asked already: the flush loop runs at the reader's next yield
+        self._flush_due.set()
+        return asyncio.sleep(0)  # yield once: the flush loop runs before the reader goes on
 
-    async def flush(self) -> None:
-        async with self._flush_lock:
-            rows, self._rows = self._rows, defaultdict(list)
-            entries, self._entries = self._entries, []
-            self._pending_rows = 0
-            for channel, batch in rows.items():
-                writer = self._writers.get(channel)
-                if writer is None:
-                    writer = self._writers[channel] = LakeWriter(self._lake_root, channel, fsync=self._fsync)
-                self.rows_written += writer.write_batch(batch)
-            publish = self._publisher.publish
-            for stream, row in entries:
-                await publish(stream, row)
-            await self._publisher.flush()
+    async def wait_flush_due(self, interval_s: float) -> None:
+        """Until `interval_s` has passed or the reader asked for a flush, whichever comes first."""
+        due = self._flush_due
+        if not due.is_set():
+            timer = asyncio.get_running_loop().call_later(interval_s, due.set)
+            try:
+                await due.wait()
+            finally:
+                timer.cancel()
+        due.clear()
+
+    def flush(self) -> None:
+        """Write every pending row to the lake, then release the stream entries, so Redis never
+        holds an entry the lake does not: a disk error raises here and drops the entries."""
+        self._pending_rows = 0
+        try:
+            for writer in self._writers.values():
+                self.rows_written += writer.flush()
+        except BaseException:
+            self._publisher.drop_pending()
+            raise
+        self._publisher.release()
+
+    def _writer(self, channel: str) -> LakeWriter:
+        writer = self._writers.get(channel)
+        if writer is None:
+            writer = self._writers[channel] = LakeWriter(self._lake_root, channel, fsync=self._fsync)
+        return writer
 
     def close(self) -> None:
-        for writer in self._writers.values():
-            writer.close()
-        self._writers.clear()
+        """Flush, then close every lake file (all of them, even when the flush failed)."""
+        try:
+            self.flush()
+        finally:
+            writers, self._writers = list(self._writers.values()), {}
+            with contextlib.ExitStack() as closing:
+                for writer in writers:
+                    closing.callback(writer.close)
 
 
 @dataclass
@@ -207,11 +251,13 @@ async def run_ingest(handler: IngestHandler, settings: Settings, *, redis_url: s
         log.info("ingest %s: lease acquired (fencing token %d)", handler.name, held.fencing_token)
         selection = await select_markets(settings, client)
         metrics = IngestMetrics()
-        endpoint = metrics.endpoint(settings.metrics_host, metrics_port).start()
         publisher = StreamPublisher(redis_url, maxlen=settings.stream_maxlen)
         sink = IngestSink(settings.parquet_dir, publisher)
         ledger = GapLedger(settings.parquet_dir)
         governor = shared_governor(budget_identity(settings.bitvavo_rest_url))  # ingest calls are unsigned
+        # Set before the first scrape: an unset headroom gauge reads 0 and would page RateLimitHeadroomLow.
+        metrics.rate_limit_remaining.set(governor.state().remaining)
+        endpoint = metrics.endpoint(settings.metrics_host, metrics_port).start()
         ws = BitvavoWebSocket(settings.bitvavo_ws_url, on_event=handler.on_event, on_connect=handler.on_connect,
                               on_disconnect=handler.on_disconnect, flow_control=sink.backpressure,
                               governor=governor,
@@ -229,8 +275,8 @@ async def run_ingest(handler: IngestHandler, settings: Settings, *, redis_url: s
         async def flush_forever() -> None:
             nonlocal malformed_seen
             while True:
-                await asyncio.sleep(flush_interval_s)
-                await sink.flush()
+                await sink.wait_flush_due(flush_interval_s)
+                sink.flush()
                 if ws.stats.malformed_frames != malformed_seen:  # frames that were not even JSON objects
                     metrics.parse_errors("frame").inc(ws.stats.malformed_frames - malformed_seen)
                     malformed_seen = ws.stats.malformed_frames
@@ -270,9 +316,8 @@ async def run_ingest(handler: IngestHandler, settings: Settings, *, redis_url: s
             await handler.close()
             await ws.close()
             try:
-                await sink.flush()
+                sink.close()  # the last rows: lake, then their stream entries
             finally:
-                sink.close()
                 ledger.close()
                 await publisher.aclose()
                 endpoint.stop()
