@@ -18,7 +18,7 @@ from flows.preflight import PreflightNoGo, preflight
 from trading.clock import now_ms
 from trading.golive import DECISION_GO, DECISION_NO_GO, DecisionRecord, record_decision, write_record
 from trading.kill_switch import require_operator
-from trading.redis_conn import async_client, redis_url
+from trading.redis_conn import connected
 
 
 class GoLiveRefused(RuntimeError):
@@ -50,13 +50,9 @@ async def go_live(operator: str, reason: str, participants: list[str], risks: st
                             risks=risks, reason=reason, decided_ms=decided, valid_until_ms=decided + valid_for_ms,
                             preflight_go=preflight_go, preflight_rows=tuple(rows))
     path = write_record(settings.parquet_dir, record)
-    with redis_url(settings) as url:
-        client = async_client(url)
-        try:
-            await record_decision(client, decision=final, operator=operator, reason=reason, decided_ms=decided,
-                                  valid_for_ms=valid_for_ms, record=str(path))
-        finally:
-            await client.aclose()
+    async with connected(settings) as client:
+        await record_decision(client, decision=final, operator=operator, reason=reason, decided_ms=decided,
+                              valid_for_ms=valid_for_ms, record=str(path))
     await acreate_markdown_artifact(key="go-live-decision", markdown=record.markdown(), description=final)
     logger.info("go-live decision %s by %s (requested %s, preflight %s); record %s", final, operator, decision,
                 "GO" if preflight_go else "NO-GO", path)

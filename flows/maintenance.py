@@ -13,15 +13,14 @@ a backup is the bigger risk. Re-runs are harmless either way: all three are idem
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import redis
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.runtime import flow_run
 
+from flows.lateness import late_note, lateness_s
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.lake import utc_day
@@ -37,21 +36,12 @@ class MaintenanceFailedError(RuntimeError):
     pass
 
 
-def _lateness_s() -> float:
-    scheduled: datetime = flow_run.scheduled_start_time
-    return max(0.0, (datetime.now(UTC) - scheduled).total_seconds())
-
-
 def default_archive_dir(settings: Settings) -> Path:
     return settings.parquet_dir.parent / "lake-archive"
 
 
 def default_backup_dir(settings: Settings) -> Path:
     return settings.parquet_dir.parent / "lake-backup"
-
-
-def _late_note(lateness_s: float, max_lateness_s: int) -> str:
-    return f"started {lateness_s:.0f} s after its scheduled time (max_lateness_s {max_lateness_s})"
 
 
 @flow(name="lake-compaction")
@@ -66,9 +56,9 @@ def lake_compaction(grace_s: int = 900, daily_grace_s: int = 21_600, max_latenes
     _check_non_negative(grace_s=grace_s, daily_grace_s=daily_grace_s, max_lateness_s=max_lateness_s)
     logger = get_run_logger()
     settings = Settings.from_env()
-    lateness = _lateness_s()
+    lateness = lateness_s()
     if lateness > max_lateness_s:
-        note = f"{_late_note(lateness, max_lateness_s)}: skipped, the next on-time run compacts every closed file"
+        note = f"{late_note(lateness, max_lateness_s)}: skipped, the next on-time run compacts every closed file"
         logger.warning("lake-compaction %s", note)
         create_table_artifact(key="lake-compaction", table=[{"path": "", "action": "skipped", "rows": 0,
                                                              "detail": note}], description="late run: skipped")
@@ -106,11 +96,11 @@ def lake_rotation(retention_days: int = 7, mode: Literal["archive", "delete"] = 
     _check_non_negative(max_lateness_s=max_lateness_s)
     logger = get_run_logger()
     settings = Settings.from_env()
-    lateness = _lateness_s()
+    lateness = lateness_s()
     late = lateness > max_lateness_s
     if late:
         logger.warning("lake-rotation %s: rotating anyway (retention counts from today)",
-                       _late_note(lateness, max_lateness_s))
+                       late_note(lateness, max_lateness_s))
     archive_root = Path(archive_dir) if archive_dir else default_archive_dir(settings)
     today = utc_day(now_ms())
     logger.info("lake-rotation of %s: keep %s and %d days before, %s older days%s", settings.parquet_dir, today,
@@ -123,7 +113,7 @@ def lake_rotation(retention_days: int = 7, mode: Literal["archive", "delete"] = 
             for o in report.days]
     if late:
         rows.insert(0, {"day": "", "action": "late", "files": 0, "bytes": 0,
-                        "detail": _late_note(lateness, max_lateness_s)})
+                        "detail": late_note(lateness, max_lateness_s)})
     create_table_artifact(key="lake-rotation", table=rows or [{"day": "", "action": "nothing to do", "files": 0,
                                                                "bytes": 0, "detail": f"cutoff {report.cutoff}"}],
                           description=_describe(summary, ("cutoff", "kept_days", "archived_days", "deleted_days",
@@ -150,11 +140,11 @@ def backup(backup_dir: str | None = None, scratch_redis_db: int | None = None,
     _check_non_negative(max_lateness_s=max_lateness_s)
     logger = get_run_logger()
     settings = Settings.from_env()
-    lateness = _lateness_s()
+    lateness = lateness_s()
     late = lateness > max_lateness_s
     if late:
         logger.warning("backup %s: backing up anyway (a missing backup is the bigger risk)",
-                       _late_note(lateness, max_lateness_s))
+                       late_note(lateness, max_lateness_s))
     backup_root = Path(backup_dir) if backup_dir else default_backup_dir(settings)
     source = None if settings.redis_url is None else sync_client(settings.redis_url, decode_responses=False)
     scratch: redis.Redis | None = None
@@ -173,7 +163,7 @@ def backup(backup_dir: str | None = None, scratch_redis_db: int | None = None,
                 client.close()
     summary = {"late": late, "lateness_s": round(lateness, 1), **report.summary(),
                "restore_check": check.summary()}
-    rows = _backup_rows(report, check, _late_note(lateness, max_lateness_s) if late else None)
+    rows = _backup_rows(report, check, late_note(lateness, max_lateness_s) if late else None)
     create_table_artifact(key="backup", table=rows,
                           description=f"{report.path.name}: {'created' if report.created else 'existed'}, "
                                       f"restore check {'ok' if check.ok else 'FAILED'}")

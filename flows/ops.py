@@ -14,7 +14,7 @@ from trading.events import Severity, queue_event
 from trading.exchange.rest import BitvavoRest
 from trading.flatten import FlattenReport, flatten_exchange, report_detail
 from trading.kill_switch import require_operator, set_kill_switch
-from trading.redis_conn import async_client, redis_url
+from trading.redis_conn import connected
 
 
 @flow(name="kill-switch")
@@ -23,12 +23,8 @@ async def kill_switch(enabled: bool, operator: str, reason: str) -> dict[str, An
     require_operator(operator, reason)
     logger = get_run_logger()
     settings = await load_settings()
-    with redis_url(settings) as url:
-        client = async_client(url)
-        try:
-            change = await set_kill_switch(client, enabled=enabled, operator=operator, reason=reason)
-        finally:
-            await client.aclose()
+    async with connected(settings) as client:
+        change = await set_kill_switch(client, enabled=enabled, operator=operator, reason=reason)
     state = "ON — every new order is blocked" if enabled else "OFF — orders may flow (subject to the guards)"
     logger.info("kill switch %s (was %s) by %s: %s", "ON" if enabled else "OFF",
                 "on" if change.was_enabled else "off", operator, reason)
@@ -49,29 +45,25 @@ async def flatten(operator: str, reason: str, close_positions: bool = False,
     require_operator(operator, reason)
     logger = get_run_logger()
     settings = await load_settings()
-    with redis_url(settings) as url:
-        client = async_client(url)
-        try:
-            await set_kill_switch(client, enabled=True, operator=operator, reason=f"flatten: {reason}")
-            if settings.dry_run or not settings.has_credentials:
-                report, mode = FlattenReport(), "dry-run: no orders at the exchange; paper positions left as they are"
-            else:
-                selected = markets or list(settings.markets_or_default())
-                rest = BitvavoRest(settings.bitvavo_rest_url, api_key=settings.bitvavo_api_key,
-                                   api_secret=settings.bitvavo_api_secret, operator_id=settings.bitvavo_operator_id)
-                try:
-                    report = await asyncio.to_thread(flatten_exchange, rest, selected,
-                                                     close_positions=close_positions)
-                finally:
-                    rest.close()
-                mode = f"live: {len(report.cancelled)} orders cancelled, {len(report.sold)} positions sold"
-            async with client.pipeline(transaction=True) as tx:
-                queue_event(tx, "flatten", Severity.CRITICAL, detail={
-                    "operator": operator, "reason": reason, "close_positions": close_positions, "mode": mode,
-                    **report_detail(report)})
-                await tx.execute()
-        finally:
-            await client.aclose()
+    async with connected(settings) as client:
+        await set_kill_switch(client, enabled=True, operator=operator, reason=f"flatten: {reason}")
+        if settings.dry_run or not settings.has_credentials:
+            report, mode = FlattenReport(), "dry-run: no orders at the exchange; paper positions left as they are"
+        else:
+            selected = markets or list(settings.markets_or_default())
+            rest = BitvavoRest(settings.bitvavo_rest_url, api_key=settings.bitvavo_api_key,
+                               api_secret=settings.bitvavo_api_secret, operator_id=settings.bitvavo_operator_id)
+            try:
+                report = await asyncio.to_thread(flatten_exchange, rest, selected,
+                                                 close_positions=close_positions)
+            finally:
+                rest.close()
+            mode = f"live: {len(report.cancelled)} orders cancelled, {len(report.sold)} positions sold"
+        async with client.pipeline(transaction=True) as tx:
+            queue_event(tx, "flatten", Severity.CRITICAL, detail={
+                "operator": operator, "reason": reason, "close_positions": close_positions, "mode": mode,
+                **report_detail(report)})
+            await tx.execute()
     logger.info("flatten by %s (%s): %s", operator, reason, mode)
     await acreate_table_artifact(key="flatten", table=report.rows() or [{"action": "none", "detail": mode}],
                                  description=f"flatten by {operator}: {mode}")

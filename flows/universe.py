@@ -8,14 +8,13 @@ called, unsigned: no credentials are read.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import prefect.runtime.flow_run
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from flows.lateness import late_note, lateness_s
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.exchange.rest import BitvavoRest
@@ -23,12 +22,6 @@ from trading.redis_conn import redis_url, sync_client
 from trading.universe import UniverseConfig, run_selection
 
 ARTIFACT_KEY = "universe-selection"
-
-
-def _lateness_s() -> float:
-    """Seconds since the run's scheduled start (for a run started by hand: since it was created)."""
-    scheduled: datetime = prefect.runtime.flow_run.scheduled_start_time
-    return (datetime.now(UTC) - scheduled).total_seconds()
 
 
 @flow(name="universe-selection")
@@ -56,12 +49,12 @@ def universe_selection(
 ) -> dict[str, Any]:
     """Pick the markets ingest records and the trading core trades; see docs/universe.md."""
     logger = get_run_logger()
-    lateness_s = _lateness_s()
-    if lateness_s > max_lateness_s:
+    lateness = lateness_s()
+    if lateness > max_lateness_s:
         # A decision on data read long after its slot is worse than none: the next run decides.
-        logger.warning("universe selection skipped: the run starts %.0fs after its scheduled time "
-                       "(max_lateness_s %d); trading:universe left unchanged", lateness_s, max_lateness_s)
-        return {"skipped": True, "reason": f"stale: {lateness_s:.0f}s late > max_lateness_s {max_lateness_s}"}
+        logger.warning("universe selection skipped: the run %s; trading:universe left unchanged",
+                       late_note(lateness, max_lateness_s))
+        return {"skipped": True, "reason": f"stale: {lateness:.0f}s late > max_lateness_s {max_lateness_s}"}
 
     config = UniverseConfig(
         top_n=top_n, min_quote_volume_eur=min_quote_volume_eur, max_spread_bps=max_spread_bps,

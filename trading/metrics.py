@@ -57,7 +57,7 @@ class LabelCache:
 
 
 class IngestMetrics:
-    """The `ingest_*` families (catalogued in docs/metrics.md once that exists)."""
+    """The `ingest_*` families (catalogued in docs/metrics.md)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()

@@ -13,8 +13,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import redis
@@ -118,3 +118,14 @@ def sync_client(url: str, *, decode_responses: bool = True) -> redis.Redis:
 def async_client(url: str, *, decode_responses: bool = True) -> redis.asyncio.Redis:
     return redis.asyncio.Redis.from_url(url, decode_responses=decode_responses, health_check_interval=30,
                                         socket_connect_timeout=5)
+
+
+@asynccontextmanager
+async def connected(settings: Settings) -> AsyncIterator[redis.asyncio.Redis]:
+    """An async client for the block (REDIS_URL, or an embedded server that lives as long), closed after."""
+    with redis_url(settings) as url:
+        client = async_client(url)
+        try:
+            yield client
+        finally:
+            await client.aclose()
