@@ -15,6 +15,7 @@ from typing import Any
 import redis.asyncio
 from prefect import flow, get_run_logger
 
+from blocks.runtime import load_settings
 from trading.config import Settings
 from trading.execution.executor import DEFAULT_MAX_INTENT_AGE_S, DEFAULT_METRICS_PORT, run_executor
 from trading.execution.paper import DEFAULT_BALANCES, DEFAULT_FEES, PaperVenue
@@ -48,7 +49,7 @@ async def executor(duration_s: float | None = None, metrics_port: int = DEFAULT_
                    paper_taker_fee: Decimal = DEFAULT_FEES.taker) -> dict[str, Any]:
     """Execute intents: paper fills in dry-run (default), Bitvavo orders in live mode."""
     logger = get_run_logger()
-    settings = Settings.from_env()  # a bad variable fails the run here, naming it
+    settings = await load_settings()  # env, with the credentials block over it; a bad variable fails here
     with redis_url(settings) as url:
         client = async_client(url)
         try:

@@ -205,7 +205,7 @@ class Venue(Protocol):
         """Why this venue refuses new orders right now (live: unreconciled mismatches), or None."""
 
     async def submit(self, intent: Intent) -> list[ExecutionReport]:
-        """Place the intent's order; the reports of what happened (at least one)."""
+        """Place the intent's order; the reports of what happened (none when this intent was already reported)."""
 
     async def poll(self) -> list[ExecutionReport]:
         """What happened to open orders since the last poll (new fills, cancels, expiries)."""
