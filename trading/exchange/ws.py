@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -216,8 +215,7 @@ class BitvavoWebSocket:
         finally:
             for task in (reader, watchdog):
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.gather(reader, watchdog)
+            await asyncio.gather(reader, watchdog, return_exceptions=True)  # a cancel of run() still propagates
 
     def _on_disconnected(self) -> None:
         if self._ws is not None:

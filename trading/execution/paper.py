@@ -256,8 +256,8 @@ class PaperVenue:
             await self._ws.close()
         for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # gather, not suppress(CancelledError): a cancel of close() itself must still propagate.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self.books.reset_all()
 
     # -- state for metrics and tests ----------------------------------------------------------
