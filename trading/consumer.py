@@ -256,12 +256,16 @@ class GroupConsumer:
 
     # -- idempotency on a natural key ---------------------------------------------------------
 
+    def done_key(self, key: str) -> str:
+        """The Redis key of `key`'s idempotency mark, for a caller that reads it in its own pipeline."""
+        return self._done_prefix + key
+
     async def already_done(self, key: str) -> bool:
-        return bool(await self.client.exists(self._done_prefix + key))
+        return bool(await self.client.exists(self.done_key(key)))
 
     def mark_done(self, tx: Pipeline, key: str) -> None:
         """Queue the idempotency mark in the entry's transaction."""
-        tx.set(self._done_prefix + key, "1", ex=DONE_TTL_S)
+        tx.set(self.done_key(key), "1", ex=DONE_TTL_S)
 
     def skip_duplicate(self) -> None:
         self.stats.duplicates += 1

@@ -307,9 +307,10 @@ class TradingCore:
         self._lake_events = LakeWriter(settings.parquet_dir, LAKE_EVENTS)
         self._pending: _Decided | None = None
 
-    async def read_context(self, market: str, now: int) -> Context:
-        """Every input of the guards in one pipelined round trip."""
+    async def read_context(self, market: str, now: int, signal_id: str) -> tuple[bool, Context]:
+        """(was the signal decided before, every input of the guards) in one pipelined round trip."""
         async with self.client.pipeline(transaction=False) as pipe:
+            pipe.exists(self.consumer.done_key(signal_id))
             pipe.get(KEY_KILL)
             pipe.get(KEY_TRADING_STATE)
             pipe.hmget(KEY_PNL, pnl_fields_for(market))
@@ -319,20 +320,20 @@ class TradingCore:
             if self.live:
                 pipe.hgetall(KEY_GOLIVE)
             replies = await pipe.execute()
-        kill, state, pnl, open_intents, gap, last_intent = replies[:6]
-        return context_from_redis(now_ms=now, market=market, live=self.live, kill=kill, state=state, pnl=pnl,
-                                  open_intents=open_intents, gap=gap, last_intent=last_intent,
-                                  golive=replies[6] if self.live else None)
+        done, kill, state, pnl, open_intents, gap, last_intent = replies[:7]
+        return bool(done), context_from_redis(now_ms=now, market=market, live=self.live, kill=kill, state=state,
+                                              pnl=pnl, open_intents=open_intents, gap=gap, last_intent=last_intent,
+                                              golive=replies[7] if self.live else None)
 
     async def handle(self, entry: StreamEntry, tx: Pipeline) -> None:
         started = time.perf_counter()
         signal = parse_signal(entry.fields, self.market_rules)
-        if await self.consumer.already_done(signal.signal_id):
+        now = now_ms()
+        done, context = await self.read_context(signal.market, now, signal.signal_id)
+        if done:
             self.consumer.skip_duplicate()
             self.metrics.duplicates.inc()
             return
-        now = now_ms()
-        context = await self.read_context(signal.market, now)
         self.metrics.kill_switch.set(1 if context.kill else 0)
         rules = self.market_rules.get(signal.market)
         reduce_only = context.state == STATE_REDUCE_ONLY

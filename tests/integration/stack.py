@@ -2,7 +2,7 @@
 
 Every loop is the production `run_*` function on the simulator and a real Redis, each on its
 own free metrics port, under its lease, until the context exits (cancelled like a Prefect
-cancel). Tests use it for the end-to-end chain, preflight and the latency benchmark.
+cancel). Tests use it for the end-to-end chain and preflight.
 """
 
 from __future__ import annotations

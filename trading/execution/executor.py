@@ -40,14 +40,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
-from trading.bus import KEY_INFLIGHT, KEY_OPEN_INTENTS, ORDERS_EXECUTED, ORDERS_SHADOW, SCHEMA_VERSION
+from trading.bus import KEY_INFLIGHT, KEY_KILL, KEY_OPEN_INTENTS, ORDERS_EXECUTED, ORDERS_SHADOW, SCHEMA_VERSION
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.consumer import ConsumerMetrics, GroupConsumer, RejectEntry, StreamEntry
 from trading.events import Severity, queue_event
 from trading.execution.paper import KEY_PAPER_OPEN, restart_cancellations
 from trading.golive import live_gate
-from trading.kill_switch import kill_switch_on
 from trading.lake import LakeWriteError, LakeWriter
 from trading.lease import Lease
 from trading.log_sampling import worth_logging
@@ -196,13 +195,18 @@ class Executor:
         # submits are settled now.
         self._uncommitted.clear()
         consumer = self.consumer
-        if await consumer.already_done(intent.intent_id):
+        # One round trip: was it handled before, and is the kill switch on (read right before acting).
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.exists(consumer.done_key(intent.intent_id))
+            pipe.get(KEY_KILL)
+            done, kill = await pipe.execute()
+        if done:
             consumer.skip_duplicate()
             return
         mode = _mode(intent.dry_run)
         self.metrics.intents(mode).inc()
         self.summary.intents += 1
-        refusal = await self._refusal(intent)
+        refusal = await self._refusal(intent, kill_on=kill in ("1", b"1"))
         if refusal is not None:
             self._queue_refusal(tx, intent, refusal)
             consumer.mark_done(tx, intent.intent_id)
@@ -220,7 +224,7 @@ class Executor:
         consumer.mark_done(tx, intent.intent_id)
         self._count_reports(reports)
 
-    async def _refusal(self, intent: Intent) -> Refusal | None:
+    async def _refusal(self, intent: Intent, *, kill_on: bool) -> Refusal | None:
         age_ms = now_ms() - intent.ts
         if age_ms > self.max_intent_age_ms:
             return Refusal("expired", "intent_expired", Severity.WARNING,
@@ -230,8 +234,8 @@ class Executor:
             return Refusal("mode_mismatch", "mode_mismatch", Severity.CRITICAL,
                            f"{_mode(intent.dry_run)} intent refused by the {self._mode} executor (DRY_RUN differs "
                            "between the trading core and the executor)")
-        # Read immediately before acting: a switch flipped a moment ago stops this order.
-        if await kill_switch_on(self.client):
+        # Read immediately before acting (handle's pipeline): a switch flipped a moment ago stops this order.
+        if kill_on:
             return Refusal("kill_switch", "kill_switch", Severity.WARNING,
                            "trading:kill=1: order not sent")
         if not intent.dry_run:
