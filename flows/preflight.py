@@ -28,6 +28,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 
 from blocks.runtime import load_settings
 from deployments.automations import zombie_automation
+from flows.lateness import late_note, lateness_s
 from flows.maintenance import default_backup_dir
 from trading import preflight as pf
 from trading.bus import STREAM_BOOK, STREAM_TICKER24H
@@ -145,17 +146,29 @@ def _credentials(settings: Settings, live: bool) -> pf.CheckResult:
 @flow(name="preflight")
 async def preflight(live: bool = False, drill: bool = True, loops: list[str] | None = None,
                     stream_max_age_s: float = 60.0, min_free_gb: float = 2.0, lake_quiet_s: float = 300.0,
-                    check_maintenance: bool = True, metrics_ports: dict[str, int] | None = None) -> dict[str, Any]:
+                    check_maintenance: bool = True, metrics_ports: dict[str, int] | None = None,
+                    max_lateness_s: float = 1800.0) -> dict[str, Any]:
     """The go-live checklist. `live=true` checks for live trading (DRY_RUN=false, credentials, no
-    withdrawal right); the default checks the dry-run stack. NO-GO fails the run."""
+    withdrawal right); the default checks the dry-run stack. NO-GO fails the run.
+
+    A run that starts more than `max_lateness_s` after its schedule (a backlog after downtime)
+    still checks everything but skips the kill-switch drill, and says so: flipping the switch at
+    an hour nobody planned could block live orders unexpectedly."""
     logger = get_run_logger()
     settings = await load_settings()
     selected = loops if loops is not None else list(LOOP_METRICS)
+    lateness = lateness_s()
+    late = lateness > max_lateness_s
+    if late and drill:
+        logger.warning("preflight %s: the kill-switch drill is skipped", late_note(lateness, max_lateness_s))
     with redis_url(settings) as url:
-        verdict = await run_checklist(settings, url, live=live, drill=drill, loops=selected,
+        verdict = await run_checklist(settings, url, live=live, drill=drill and not late, loops=selected,
                                       stream_max_age_s=stream_max_age_s, min_free_gb=min_free_gb,
                                       lake_quiet_s=lake_quiet_s, check_maintenance=check_maintenance,
                                       metrics_ports=metrics_ports)
+        if late and drill:
+            verdict = pf.Verdict(verdict.mode, (*verdict.checks, pf.skipped(
+                "kill-switch drill", f"{late_note(lateness, max_lateness_s)}: not drilled off-schedule")))
         if not verdict.go:
             await _close_gate(url, verdict)
     await acreate_table_artifact(key="preflight-checklist", table=[c.row() for c in verdict.checks],

@@ -114,10 +114,13 @@ def test_every_deployment_registers_and_the_scheduler_creates_runs(prefect_serve
             scheduled = [run for run in client.read_flow_runs(limit=200) if run.auto_scheduled]
         assert scheduled, "the scheduler created no run within 120 s"
 
-    # Deploying again replaces, it does not duplicate.
+    # Deploying again (a second `make up`) replaces, it does not duplicate.
     _cli(prefect_server, "--no-prompt", "deploy", "--all")
+    subprocess.run([sys.executable, "-m", "deployments.automations"], env=prefect_server, cwd=REPO_ROOT, check=True,
+                   capture_output=True, timeout=120)
     with _client(prefect_server) as client:
         assert len(client.read_deployments()) == len(DEPLOYMENTS)
+        assert [a.name for a in client.read_automations()].count("crash-zombie-flow-runs") == 1
 
 
 def _wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
