@@ -28,7 +28,7 @@ import redis.asyncio
 from pydantic import SecretStr
 
 from tests.integration.conftest import REPO_ROOT, SimHandle
-from trading.bus import KEY_INFLIGHT, KEY_OPEN_INTENTS, ORDERS_EXECUTED, ORDERS_SHADOW
+from trading.bus import KEY_INFLIGHT, KEY_KILL, KEY_OPEN_INTENTS, ORDERS_EXECUTED, ORDERS_SHADOW
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.events import read_events
@@ -84,7 +84,10 @@ def exchange(sim: SimHandle) -> Iterator[SimHandle]:
 
 @pytest.fixture
 async def client(redis_db_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    """The test's Redis, with the go-live gate open (the venue re-checks it right before sending)."""
     connection = async_client(redis_db_url)
+    await record_decision(connection, decision="GO", operator="test", reason="test", decided_ms=now_ms(),
+                          valid_for_ms=3_600_000)
     try:
         yield connection
     finally:
@@ -174,6 +177,36 @@ def _fill_at_exchange(sim: SimHandle, rest: BitvavoRest, order_id: str) -> Order
         if order.status == "filled":
             return order
     raise AssertionError("the resting order never filled")
+
+
+async def test_kill_switch_and_gate_are_checked_at_the_moment_of_sending(
+        venues: Callable[[], LiveVenue], client: redis.asyncio.Redis, rest: BitvavoRest) -> None:
+    venue = venues()
+    await venue.start()
+    await client.set(KEY_KILL, "1")  # flipped after the executor's own check, before the send
+    killed = _intent()
+    [report] = await venue.submit(killed)
+    assert report.status == "rejected" and "kill switch" in (report.reason or "")
+    await client.delete(KEY_KILL)
+    await record_decision(client, decision="NO-GO", operator="preflight", reason="NO-GO", decided_ms=now_ms(),
+                          valid_for_ms=1)
+    gated = _intent()
+    [report] = await venue.submit(gated)
+    assert report.status == "rejected" and "gate closed" in (report.reason or "")
+    assert _orders_for(rest, killed) == [] and _orders_for(rest, gated) == []
+    assert not await client.hexists(KEY_INFLIGHT, killed.intent_id)
+
+
+async def test_an_intent_another_instance_claimed_is_looked_up_not_sent_again(
+        venues: Callable[[], LiveVenue], client: redis.asyncio.Redis, rest: BitvavoRest) -> None:
+    first, second = venues(), venues()  # e.g. a stalled holder and its successor
+    await first.start()
+    await second.start()
+    intent = _intent()
+    # Both read "not in flight" at once; the atomic claim lets exactly one of them send.
+    reports = await asyncio.gather(first.submit(intent), second.submit(intent))
+    [order] = _orders_for(rest, intent)
+    assert {r.order_id for batch in reports for r in batch} == {order.order_id}
 
 
 async def test_order_is_sent_once_with_client_order_id_and_operator_id(

@@ -35,7 +35,7 @@ from typing import Any, Literal, TypeVar
 import orjson
 import redis.asyncio
 
-from trading.bus import KEY_INFLIGHT
+from trading.bus import KEY_GOLIVE, KEY_INFLIGHT, KEY_KILL
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.decimals import DecimalParseError, format_decimal, parse_decimal
@@ -55,6 +55,18 @@ from trading.orders import FINAL_STATUSES, ExecutionReport, FillRecord, Intent, 
 log = logging.getLogger(__name__)
 
 KEY_LIVE_OPEN = "orders:live:open"
+# KEYS: in-flight hash, sent marker, kill switch, go-live hash. ARGV: intent_id, in-flight JSON, sent_ms, TTL s.
+_CLAIM_SEND_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'sent' end
+if redis.call('GET', KEYS[3]) == '1' then return 'kill switch is on (trading:kill=1)' end
+local gate = redis.call('HMGET', KEYS[4], 'decision', 'valid_until_ms')
+if gate[1] ~= 'GO' or not tonumber(gate[2]) or tonumber(gate[2]) <= tonumber(ARGV[3]) then
+  return 'live gate closed (no fresh GO decision)'
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+return 'ok'
+"""
 SENT_PREFIX = "orders:live:sent:"
 SENT_TTL_S = 7 * 24 * 3600
 # Share of the 1000/minute weight budget that following open orders may use (get_order costs 1).
@@ -269,6 +281,7 @@ class LiveVenue:
         if rest.operator_id is None:
             raise ValueError("live trading needs BITVAVO_OPERATOR_ID (mandatory on Bitvavo order calls)")
         self._client: Any = client  # redis-py's async stubs type replies as sync|async unions
+        self._claim_send = client.register_script(_CLAIM_SEND_LUA)
         self._rest = rest
         self._margin_ms = uncertainty_margin_ms
         self._grace_ms = lookup_grace_ms
@@ -376,15 +389,24 @@ class LiveVenue:
         blocked = self.blocked_reason()
         if blocked is not None:
             return [rejected_report(intent, f"not sent: {blocked}", now_ms())]
-        return [await self._send(intent)]
+        report = await self._send(intent)
+        return [report] if report is not None else []
 
-    async def _send(self, intent: Intent) -> ExecutionReport:
+    async def _send(self, intent: Intent) -> ExecutionReport | None:
         intent_id = intent.intent_id
         sent_ms = now_ms()
-        async with self._client.pipeline(transaction=True) as tx:
-            tx.hset(KEY_INFLIGHT, intent_id, inflight_json(intent, sent_ms))
-            tx.set(SENT_PREFIX + intent_id, sent_ms, ex=SENT_TTL_S)
-            await tx.execute()  # acknowledged by Redis before anything goes to the exchange
+        # One atomic step, acknowledged by Redis before anything goes to the exchange: refuse when the
+        # kill switch is on or the gate closed (checked here, after any wait for the lock, not only by
+        # the executor earlier), and claim the send so that no other instance (one that took over after
+        # a stall cost us the lease) can send the same clientOrderId again.
+        verdict = await self._claim_send(keys=[KEY_INFLIGHT, SENT_PREFIX + intent_id, KEY_KILL, KEY_GOLIVE],
+                                         args=[intent_id, inflight_json(intent, sent_ms), sent_ms, SENT_TTL_S])
+        if verdict == "sent":  # claimed before: look it up, never send twice
+            inflight_raw = await self._client.hget(KEY_INFLIGHT, intent_id)
+            earlier = parse_inflight(inflight_raw)[1] if inflight_raw is not None else 0
+            return await self._resolve(intent, earlier, None, "submit")
+        if verdict != "ok":
+            return rejected_report(intent, f"not sent: {verdict}", now_ms())
         self.stats.orders_sent += 1
         try:
             try:
