@@ -317,6 +317,41 @@ async def test_crash_between_submit_and_ack_executes_once_after_restart(sim: Sim
         await client.aclose()
 
 
+class FailsAfterSubmittingOnce(PaperVenue):
+    """Fault injection: the order is placed, then the kill switch goes on and the commit fails once."""
+
+    def __init__(self, client: redis.asyncio.Redis, **options: Any) -> None:
+        super().__init__(**options)
+        self.client = client
+        self.failed = False
+
+    async def submit(self, intent: Intent) -> list[ExecutionReport]:
+        reports = await super().submit(intent)
+        if not self.failed:
+            self.failed = True
+            await self.client.set("trading:kill", "1")
+            raise RuntimeError("the transaction could not commit (simulated)")
+        return reports
+
+
+async def test_an_order_already_out_is_recorded_on_retry_even_if_the_kill_switch_went_on(
+        sim: SimHandle, redis_db_url: str, tmp_path: Path) -> None:
+    settings = _settings(sim, tmp_path)
+    client = async_client(redis_db_url)
+    try:
+        intent = _intent(amount_quote=D("20"))
+        await _send(client, intent)
+        venue = FailsAfterSubmittingOnce(client, markets=MARKETS, rest_url=settings.bitvavo_rest_url,
+                                         ws_url=settings.bitvavo_ws_url, balances=RICH)
+        async with _executor(settings, redis_db_url, venue):
+            [report] = await _wait_reports(client, 1)
+        assert report.intent_id == intent.intent_id and report.status == "filled"  # the fill is not lost
+        assert venue.stats.orders_placed == 1
+        assert not [e for e in await read_events(client) if e["type"] == "kill_switch"]
+    finally:
+        await client.aclose()
+
+
 async def test_resting_paper_orders_are_closed_as_canceled_on_restart(sim: SimHandle, redis_db_url: str,
                                                                       tmp_path: Path) -> None:
     settings = _settings(sim, tmp_path)

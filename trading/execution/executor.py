@@ -192,21 +192,26 @@ class Executor:
         except IntentError as exc:
             raise RejectEntry(str(exc)) from None
         # Entries are handled one at a time, each committed (or retried) before the next: earlier
-        # submits are settled now.
+        # submits are settled now, except this very intent's when its transaction is being retried.
+        retried = intent.intent_id in self._uncommitted
         self._uncommitted.clear()
         consumer = self.consumer
-        # One round trip: was it handled before, and is the kill switch on (read right before acting).
+        # One round trip: was it handled before, is its order already out, is the kill switch on.
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.exists(consumer.done_key(intent.intent_id))
             pipe.get(KEY_KILL)
-            done, kill = await pipe.execute()
+            pipe.hexists(KEY_INFLIGHT, intent.intent_id)
+            done, kill, inflight = await pipe.execute()
         if done:
             consumer.skip_duplicate()
             return
         mode = _mode(intent.dry_run)
         self.metrics.intents(mode).inc()
         self.summary.intents += 1
-        refusal = await self._refusal(intent, kill_on=kill in ("1", b"1"))
+        # An order that is already out (submitted before a failed commit, or sent by an instance that died)
+        # is never refused now: the venue reports what happened to it, so no fill goes unrecorded.
+        already_out = retried or bool(inflight)
+        refusal = None if already_out else await self._refusal(intent, kill_on=kill in ("1", b"1"))
         if refusal is not None:
             self._queue_refusal(tx, intent, refusal)
             consumer.mark_done(tx, intent.intent_id)
