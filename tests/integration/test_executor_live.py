@@ -372,8 +372,8 @@ async def test_executor_killed_after_sending_restarts_with_one_order_and_one_exe
     assert await _executed(client, intent.intent_id) == []  # ...never recorded
     assert await client.hexists(KEY_INFLIGHT, intent.intent_id)
 
-    # Restart. "submit": the redelivered intent reaches the venue, which hands it reconciliation's report;
-    # "poll": the redelivered intent is refused as too old, and the report comes from poll().
+    # Restart. The redelivered intent is in flight, so it is never refused (not even when older than
+    # max_intent_age_s, the "poll" variant): it reaches the venue, which hands it reconciliation's report.
     await client.pexpire(LEASE_KEY_PREFIX + "executor", 1)  # the dead holder's lease runs out (TTL 15 s)
     await asyncio.sleep(0.01)
     venue = LiveVenue(client, settings, rest=_rest(exchange, RateGovernor()), **VENUE_OPTIONS)
@@ -387,7 +387,7 @@ async def test_executor_killed_after_sending_restarts_with_one_order_and_one_exe
     assert await client.hlen(KEY_INFLIGHT) == 0 and await client.hlen(KEY_OPEN_INTENTS) == 0
     assert (await client.xpending(ORDERS_SHADOW, "executor"))["pending"] == 0
     refusals = {e["type"] for e in await read_events(client)} & {"intent_expired", "venue_blocked"}
-    assert refusals == ({"intent_expired"} if redelivered_to == "poll" else set())
+    assert refusals == set()
 
 
 async def test_resting_order_filled_while_the_venue_was_down_is_found_by_reconciliation(
