@@ -47,6 +47,7 @@ ORDERS_SHADOW = "orders:shadow"
 ORDERS_EXECUTED = "orders:executed"
 TRADING_EVENTS = "trading:events"
 KEY_KILL = "trading:kill"
+KEY_KILL_DRILL = "trading:kill:drill"  # set while a preflight drill holds the switch; an operator flip clears it
 KEY_PNL = "trading:pnl"
 KEY_UNIVERSE = "trading:universe"
 KEY_TRADING_STATE = "trading:state"  # string: active (default when unset) / reduce-only / halted

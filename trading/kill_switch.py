@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from trading.bus import KEY_KILL
+from trading.bus import KEY_KILL, KEY_KILL_DRILL
 from trading.events import Severity, queue_event
 
 
@@ -40,6 +40,7 @@ async def set_kill_switch(client: Any, *, enabled: bool, operator: str, reason: 
             tx.set(KEY_KILL, "1")
         else:
             tx.delete(KEY_KILL)
+        tx.delete(KEY_KILL_DRILL)  # an operator's flip wins over a drill in progress: it must not undo it
         queue_event(tx, "kill_switch", Severity.CRITICAL if enabled else Severity.WARNING,
                     detail={"enabled": enabled, "was_enabled": was, "operator": operator, "reason": reason})
         await tx.execute()

@@ -24,7 +24,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from trading.bus import KEY_KILL, ORDERS_SHADOW, TRADING_EVENTS, decode_entry, encode_entry
+from trading.bus import KEY_KILL, KEY_KILL_DRILL, ORDERS_SHADOW, TRADING_EVENTS, decode_entry, encode_entry
 from trading.clock import now_ms
 from trading.lake import utc_day
 from trading.lease import LEASE_KEY_PREFIX
@@ -188,6 +188,21 @@ async def check_dry_run_intents(client: Any, dry_run: bool, sample: int = 200) -
 
 
 DRILL_STRATEGY = "preflight-drill"
+# Switch off only if the drill still owns the switch: an operator (or flatten) who set it meanwhile cleared
+# the drill's marker, and their switch stays on.
+_TAKE_FOR_DRILL_LUA = """
+if redis.call('GET', KEYS[1]) == '1' then return 0 end
+redis.call('SET', KEYS[1], '1')
+redis.call('SET', KEYS[2], ARGV[1])
+return 1
+"""
+_RESTORE_AFTER_DRILL_LUA = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  return 1
+end
+return 0
+"""
 
 
 async def kill_switch_drill(client: Any, signal_stream: str, *, timeout_s: float = 10.0,
@@ -199,11 +214,11 @@ async def kill_switch_drill(client: Any, signal_stream: str, *, timeout_s: float
     the drill leaves it on.
     """
     name = "kill-switch drill"
-    was_on = (await client.get(KEY_KILL)) in ("1", b"1")
     signal_id = f"preflight-drill-{uuid.uuid4()}"
     start = now_ms()
     start_id = f"{start}-0"
-    await client.set(KEY_KILL, "1")
+    # Atomically: an operator's switch that is on stays theirs; otherwise the drill takes it, marked as its own.
+    was_on = not await client.eval(_TAKE_FOR_DRILL_LUA, 2, KEY_KILL, KEY_KILL_DRILL, signal_id)
     try:
         await client.xadd(signal_stream, encode_entry({
             "ts": start, "signal_id": signal_id, "market": "BTC-EUR", "side": "buy", "strength": Decimal("0"),
@@ -221,7 +236,7 @@ async def kill_switch_drill(client: Any, signal_stream: str, *, timeout_s: float
                   if e.get("signal_id") == signal_id]
     finally:
         if not was_on:
-            await client.delete(KEY_KILL)
+            await client.eval(_RESTORE_AFTER_DRILL_LUA, 2, KEY_KILL, KEY_KILL_DRILL, signal_id)
     if leaked:
         return failed(name, f"the test signal became an intent while the kill switch was on: {leaked[0]}")
     if not blocked:
