@@ -162,10 +162,15 @@ async def preflight(live: bool = False, drill: bool = True, loops: list[str] | N
     if late and drill:
         logger.warning("preflight %s: the kill-switch drill is skipped", late_note(lateness, max_lateness_s))
     with redis_url(settings) as url:
-        verdict = await run_checklist(settings, url, live=live, drill=drill and not late, loops=selected,
-                                      stream_max_age_s=stream_max_age_s, min_free_gb=min_free_gb,
-                                      lake_quiet_s=lake_quiet_s, check_maintenance=check_maintenance,
-                                      metrics_ports=metrics_ports)
+        try:
+            verdict = await run_checklist(settings, url, live=live, drill=drill and not late, loops=selected,
+                                          stream_max_age_s=stream_max_age_s, min_free_gb=min_free_gb,
+                                          lake_quiet_s=lake_quiet_s, check_maintenance=check_maintenance,
+                                          metrics_ports=metrics_ports)
+        except BaseException as exc:  # a checklist that could not finish is a NO-GO: fail closed
+            await _close_gate(url, pf.Verdict("live" if live else "dry-run", (
+                pf.failed("preflight", f"did not finish: {type(exc).__name__}: {exc}"),)))
+            raise
         if late and drill:
             verdict = pf.Verdict(verdict.mode, (*verdict.checks, pf.skipped(
                 "kill-switch drill", f"{late_note(lateness, max_lateness_s)}: not drilled off-schedule")))

@@ -327,9 +327,12 @@ def first_failure(outcomes: Sequence[GuardOutcome]) -> GuardOutcome | None:
 PNL_FIELDS = ("exposure", "realized_today", "day")
 
 
+PNL_MAX_AGE_MS = 30_000  # the PnL loop rewrites trading:pnl every second; older means it is not running
+
+
 def pnl_fields_for(market: str) -> list[str]:
     """The `trading:pnl` fields the guards read for `market` (HMGET order)."""
-    return [*PNL_FIELDS, f"{market}:position", f"{market}:exposure"]
+    return [*PNL_FIELDS, f"{market}:position", f"{market}:exposure", "updated_ts"]
 
 
 def utc_date(ts_ms: int) -> str:
@@ -351,7 +354,13 @@ def context_from_redis(*, now_ms: int, market: str, live: bool, kill: str | None
             unreadable[name] = f"trading:pnl value {raw[:40]!r} is not a decimal"
             return ZERO
 
-    total_exposure, realized_today, day, position, market_exposure = pnl
+    total_exposure, realized_today, day, position, market_exposure, updated = pnl
+    if updated is not None:  # absent: nothing traded yet. Stale: positions may have moved since; refuse new risk
+        age_ms = now_ms - int(updated) if updated.isdigit() else None
+        if age_ms is None or age_ms > PNL_MAX_AGE_MS:
+            why = (f"trading:pnl last updated {age_ms / 1000:.0f} s ago (is the PnL orchestrator running?)"
+                   if age_ms is not None else f"trading:pnl updated_ts {updated[:40]!r} is not an integer")
+            unreadable.update(dict.fromkeys(("exposure", "realized_today", "position"), why))
     parsed_open: dict[str, OpenIntent] = {}
     for intent_id, raw in open_intents.items():
         try:

@@ -170,7 +170,7 @@ def test_reduces_position(side: str, amount: str, position: str, reduces: bool) 
 
 def _context(**raw: Any) -> Context:
     args: dict[str, Any] = {"now_ms": NOW, "market": "BTC-EUR", "live": False, "kill": None, "state": None,
-                            "pnl": [None] * 5, "open_intents": {}, "gap": None, "last_intent": None, "golive": None}
+                            "pnl": [None] * 6, "open_intents": {}, "gap": None, "last_intent": None, "golive": None}
     args.update(raw)
     return context_from_redis(**args)
 
@@ -183,7 +183,8 @@ def test_context_from_an_empty_redis_is_a_clean_slate() -> None:
 
 
 def test_context_reads_pnl_open_intents_gaps_and_cooldown() -> None:
-    ctx = _context(kill="1", state="reduce-only", pnl=["1200.5", "-12.25", utc_date(NOW), "-0.01", "740"],
+    ctx = _context(kill="1", state="reduce-only",
+                   pnl=["1200.5", "-12.25", utc_date(NOW), "-0.01", "740", str(NOW - 900)],
                    open_intents={"a": '{"market":"BTC-EUR","side":"buy","notional":"50","ts":1}',
                                  "b": '{"market":"ETH-EUR","side":"sell","notional":"20.5","ts":2}'},
                    gap='{"kind":"nonce","since_ms":1}', last_intent=str(NOW - 10))
@@ -195,13 +196,23 @@ def test_context_reads_pnl_open_intents_gaps_and_cooldown() -> None:
 
 
 def test_realised_pnl_of_another_day_does_not_count_today() -> None:
-    ctx = _context(pnl=["0", "-900", "2020-01-01", None, None])
+    ctx = _context(pnl=["0", "-900", "2020-01-01", None, None, None])
     assert ctx.realized_today == 0
 
 
 def test_corrupt_inputs_are_marked_unreadable() -> None:
-    ctx = _context(pnl=["abc", "NaN", utc_date(NOW), "1", "0"], open_intents={"x": "not json"}, last_intent="soon")
+    ctx = _context(pnl=["abc", "NaN", utc_date(NOW), "1", "0", str(NOW)], open_intents={"x": "not json"},
+                   last_intent="soon")
     assert set(ctx.unreadable) == {"exposure", "realized_today", "open_intents", "last_intent"}
+
+
+def test_a_stale_pnl_hash_refuses_new_risk() -> None:
+    stale = _context(pnl=["10", "0", utc_date(NOW), "0.1", "10", str(NOW - 60_000)])
+    assert set(stale.unreadable) == {"exposure", "realized_today", "position"}
+    assert "60 s ago" in stale.unreadable["exposure"]
+    failed = first_failure(evaluate(PROPOSAL, stale, LIMITS))
+    assert failed is not None and failed.guard == "max_exposure_market" and "unreadable" in failed.reason
+    assert not _context(pnl=["10", "0", utc_date(NOW), "0.1", "10", str(NOW - 5_000)]).unreadable
 
 
 def test_the_live_gate_is_judged_only_in_live_mode() -> None:

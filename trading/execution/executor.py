@@ -45,6 +45,7 @@ from trading.clock import now_ms
 from trading.config import Settings
 from trading.consumer import ConsumerMetrics, GroupConsumer, RejectEntry, StreamEntry
 from trading.events import Severity, queue_event
+from trading.exchange.errors import BitvavoError
 from trading.execution.paper import KEY_PAPER_OPEN, restart_cancellations
 from trading.golive import live_gate
 from trading.lake import LakeWriteError, LakeWriter
@@ -330,7 +331,13 @@ class Executor:
 
     async def poll_once(self) -> None:
         """Record what the venue reports about open orders; kept for the next round while Redis is down."""
-        fresh = await self.venue.poll()
+        try:
+            fresh = await self.venue.poll()
+        except (BitvavoError, *_REDIS_DOWN) as exc:  # one bad round must not stop the loop: try next round
+            self._poll_failures += 1
+            if worth_logging(self._poll_failures, every=60):
+                log.warning("executor: venue poll failed (%s: %s); retrying every poll", type(exc).__name__, exc)
+            fresh = []
         await self._write_lake(fresh)
         self._poll_backlog.extend(fresh)
         if not self._poll_backlog:
