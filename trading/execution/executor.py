@@ -293,11 +293,12 @@ class Executor:
             await self._halt(exc)
 
     def _queue_reports(self, tx: Pipeline, reports: Sequence[ExecutionReport]) -> None:
-        maxlen = self.settings.stream_maxlen
         for report in reports:
             fields: dict[Any, Any] = report.encode()
             intent_id = report.intent_id
-            tx.xadd(ORDERS_EXECUTED, fields, maxlen=maxlen, approximate=True)
+            # Never trimmed: the PnL ledger is rebuilt from this stream at every start, and a trimmed buy
+            # under a kept sell would turn into a phantom short (docs/pnl.md). Executions are few.
+            tx.xadd(ORDERS_EXECUTED, fields)
             if report.final:
                 tx.hdel(KEY_OPEN_INTENTS, intent_id)
             if report.dry_run:
