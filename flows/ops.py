@@ -47,8 +47,9 @@ async def flatten(operator: str, reason: str, close_positions: bool = False,
     settings = await load_settings()
     async with connected(settings) as client:
         await set_kill_switch(client, enabled=True, operator=operator, reason=f"flatten: {reason}")
-        if settings.dry_run or not settings.has_credentials:
-            report, mode = FlattenReport(), "dry-run: no orders at the exchange; paper positions left as they are"
+        if not settings.has_credentials:  # whatever DRY_RUN says: flatten acts wherever orders can exist
+            report = FlattenReport()
+            mode = "no credentials: no orders at the exchange; paper positions left as they are"
         else:
             selected = markets or list(settings.markets_or_default())
             rest = BitvavoRest(settings.bitvavo_rest_url, api_key=settings.bitvavo_api_key,

@@ -168,7 +168,7 @@ async def load_market_rules(rest_url: str, *, timeout_s: float = 5.0) -> tuple[d
 class OrderPlan:
     amount: Decimal
     price: Decimal
-    notional: Decimal  # amount x ref_price (EUR)
+    notional: Decimal  # amount x the higher of limit and reference price (EUR): the most it can cost
 
 
 def _round_significant(value: Decimal, rounding: str, *, max_decimals: int | None = None) -> Decimal:
@@ -202,12 +202,14 @@ def size_order(signal: Signal, rules: MarketRules | None, *, order_notional: Dec
     # spread_bps < 10000 (parse_signal) and slippage_bps <= MAX_SLIPPAGE_BPS keep a sell price positive.
     bound = (signal.spread_bps / 2 + slippage_bps) / _BPS
     raw_price = signal.ref_price * (1 + bound if signal.side == "buy" else 1 - bound)
-    amount = order_notional / signal.ref_price
+    price = round_price(raw_price, signal.side, rules)
+    # Sized and valued at the worst case: a buy may pay up to its limit price, above the reference.
+    worst = max(price, signal.ref_price)
+    amount = order_notional / worst
     if max_amount is not None:
         amount = min(amount, max_amount)
     amount = round_amount(amount, rules)
-    return OrderPlan(amount=amount, price=round_price(raw_price, signal.side, rules),
-                     notional=amount * signal.ref_price)
+    return OrderPlan(amount=amount, price=price, notional=amount * worst)
 
 
 # -- metrics -----------------------------------------------------------------------------------------

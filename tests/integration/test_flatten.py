@@ -61,7 +61,7 @@ async def test_dry_run_flatten_only_switches_the_kill_switch_on(sim: SimHandle, 
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     _env(monkeypatch, sim, redis_db_url, tmp_path, live=False)
     summary = await flatten(operator="bob", reason="test", close_positions=True)
-    assert summary["mode"].startswith("dry-run") and summary["sold"] == []
+    assert summary["mode"].startswith("no credentials") and summary["sold"] == []
     assert redis.Redis.from_url(redis_db_url, decode_responses=True).get(KEY_KILL) == "1"
 
 

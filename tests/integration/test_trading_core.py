@@ -127,18 +127,18 @@ async def test_signals_become_intents_with_the_contract_fields(client: redis.asy
     assert set(raw[0]) == {"v", "ts", "intent_id", "signal_id", "market", "side", "order_type", "amount", "price",
                            "time_in_force", "dry_run", "notional", "reduce_only"}
     btc, xrp = await _intents(client)
-    # 50 EUR at 74096.5 = 0.000674796.. rounded down to 8 decimals; buy bound 74096.5 x (1 + (0.75 + 10) bps)
-    # = 74176.15.. floored onto the 1 EUR tick.
+    # Buy bound 74096.5 x (1 + (0.75 + 10) bps) = 74176.15.. floored onto the 1 EUR tick; sized at that
+    # worst price: 50 / 74176 = 0.000674071.. rounded down to 8 decimals, valued at 74176 (49.99981632 EUR).
     assert (btc.intent_id, btc.signal_id, btc.market, btc.side) == (intent_id_for("sig-btc"), "sig-btc", "BTC-EUR",
                                                                     "buy")
     assert (btc.order_type, btc.time_in_force, btc.dry_run, btc.reduce_only) == ("limit", "IOC", True, False)
-    assert (btc.amount, btc.price, btc.notional) == (D("0.00067479"), D(74176), D("0.00067479") * D("74096.5"))
+    assert (btc.amount, btc.price, btc.notional) == (D("0.00067407"), D(74176), D("0.00067407") * D(74176))
     # 50 / 1.351335 = 37.0004.. down to 6 decimals; sell bound 1.351335 x (1 - 10.75 bps) = 1.349882.. ceiled.
     assert (xrp.side, xrp.amount, xrp.price) == ("sell", D("37.000447"), D("1.34989"))
     assert btc.amount_quote is None and xrp.notional == D("37.000447") * D("1.351335")
 
     open_intents = {k: orjson.loads(v) for k, v in (await client.hgetall(KEY_OPEN_INTENTS)).items()}
-    assert open_intents[btc.intent_id] == {"market": "BTC-EUR", "side": "buy", "notional": "49.999577235",
+    assert open_intents[btc.intent_id] == {"market": "BTC-EUR", "side": "buy", "notional": "49.99981632",
                                            "ts": btc.ts}
     assert set(open_intents) == {btc.intent_id, xrp.intent_id}
     assert set(await client.hkeys(KEY_LAST_INTENT)) == {"BTC-EUR", "XRP-EUR"}
@@ -152,7 +152,7 @@ async def test_signals_become_intents_with_the_contract_fields(client: redis.asy
 
     lake_intents = _lake(tmp_path, "orders/shadow")
     assert [row["intent_id"] for row in lake_intents] == [btc.intent_id, xrp.intent_id]
-    assert lake_intents[0]["amount"] == "0.00067479" and lake_intents[0]["order_type"] == "limit"
+    assert lake_intents[0]["amount"] == "0.00067407" and lake_intents[0]["order_type"] == "limit"
     assert [row["type"] for row in _lake(tmp_path, "events/trading_core")] == ["intent", "intent"]
 
 

@@ -272,8 +272,11 @@ def test_market_rules_parse_a_get_markets_row() -> None:
 @pytest.mark.parametrize(("side", "expected_price"), [("buy", D(74175)), ("sell", D(74018))])
 def test_a_signal_becomes_a_marketable_limit_within_the_slippage_bound(side: str, expected_price: Decimal) -> None:
     plan = size_order(_signal(side=side), BTC_RULES, order_notional=D(50), slippage_bps=D(10))
-    # 50 / 74096.5 = 0.000674796...: rounded DOWN to 8 decimals; valued at the ref price.
-    assert plan.amount == D("0.00067479") and plan.notional == D("0.00067479") * D("74096.5")
+    # Sized at the worst price: a buy at its limit 74175 (50 / 74175 = 0.000674081.. down to 8 decimals),
+    # a sell at the ref price 74096.5 (0.000674796..); valued at that same price.
+    worst = max(expected_price, D("74096.5"))
+    assert plan.amount == {"buy": D("0.00067408"), "sell": D("0.00067479")}[side]
+    assert plan.notional == plan.amount * worst
     bound = D("74096.5") * (1 + (D("0.675") + 10) / 10_000 * (1 if side == "buy" else -1))
     assert plan.price == expected_price
     assert (plan.price <= bound) if side == "buy" else (plan.price >= bound)  # never beyond the bound
