@@ -16,7 +16,14 @@ from prefect.artifacts import acreate_markdown_artifact
 from blocks.runtime import load_settings
 from flows.preflight import PreflightNoGo, preflight
 from trading.clock import now_ms
-from trading.golive import DECISION_GO, DECISION_NO_GO, DecisionRecord, record_decision, write_record
+from trading.golive import (
+    DECISION_GO,
+    DECISION_NO_GO,
+    DecisionRecord,
+    latest_decided_ms,
+    record_decision,
+    write_record,
+)
 from trading.kill_switch import require_operator
 from trading.redis_conn import connected
 
@@ -37,6 +44,8 @@ async def go_live(operator: str, reason: str, participants: list[str], risks: st
     logger = get_run_logger()
     settings = await load_settings()
     rows: list[dict[str, str]] = []
+    async with connected(settings) as client:
+        seen = await latest_decided_ms(client) or ""  # a decision recorded after this one wins
     try:
         checked = await preflight(live=True)
         rows, preflight_go = checked["checks"], True
@@ -52,7 +61,8 @@ async def go_live(operator: str, reason: str, participants: list[str], risks: st
     path = write_record(settings.parquet_dir, record)
     async with connected(settings) as client:
         await record_decision(client, decision=final, operator=operator, reason=reason, decided_ms=decided,
-                              valid_for_ms=valid_for_ms, record=str(path))
+                              valid_for_ms=valid_for_ms, record=str(path),
+                              unless_changed_since=None if final == DECISION_NO_GO else seen)
     await acreate_markdown_artifact(key="go-live-decision", markdown=record.markdown(), description=final)
     logger.info("go-live decision %s by %s (requested %s, preflight %s); record %s", final, operator, decision,
                 "GO" if preflight_go else "NO-GO", path)

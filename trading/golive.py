@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import WatchError
+
 from trading.bus import KEY_GOLIVE, KEY_KILL
 
 DECISION_GO = "GO"
@@ -58,19 +60,41 @@ async def live_gate(client: Any, now_ms: int) -> GateStatus:
     return gate_from_state(kill, record, now_ms)
 
 
+class DecisionSupersededError(RuntimeError):
+    """Another decision (e.g. a NO-GO preflight) was recorded while this one was being made."""
+
+
+async def latest_decided_ms(client: Any) -> str | None:
+    value = await client.hget(KEY_GOLIVE, "decided_ms")
+    return None if value is None else _text(value)
+
+
 async def record_decision(client: Any, *, decision: str, operator: str, reason: str, decided_ms: int,
-                          valid_for_ms: int, record: str = "") -> None:
-    """Replace the latest decision (the go-live flow; a NO-GO preflight closes the gate with it)."""
+                          valid_for_ms: int, record: str = "", unless_changed_since: str | None = None) -> None:
+    """Replace the latest decision (the go-live flow; a NO-GO preflight closes the gate with it).
+
+    With `unless_changed_since` (the `decided_ms` read before deciding, "" for none), a decision
+    recorded meanwhile wins: `DecisionSupersededError`, nothing written. A GO never overwrites a
+    NO-GO it did not see.
+    """
     if decision not in (DECISION_GO, DECISION_NO_GO):
         raise ValueError(f"decision must be {DECISION_GO} or {DECISION_NO_GO}, got {decision!r}")
     if valid_for_ms <= 0:
         raise ValueError("valid_for_ms must be positive")
+    fields = {"decision": decision, "operator": operator, "reason": reason, "decided_ms": decided_ms,
+              "valid_until_ms": decided_ms + valid_for_ms, "record": record}
     async with client.pipeline(transaction=True) as pipe:
+        if unless_changed_since is not None:
+            await pipe.watch(KEY_GOLIVE)
+            if (await latest_decided_ms(pipe) or "") != unless_changed_since:
+                raise DecisionSupersededError("a newer go-live decision was recorded meanwhile")
+            pipe.multi()
         pipe.delete(KEY_GOLIVE)
-        pipe.hset(KEY_GOLIVE, mapping={"decision": decision, "operator": operator, "reason": reason,
-                                       "decided_ms": decided_ms, "valid_until_ms": decided_ms + valid_for_ms,
-                                       "record": record})
-        await pipe.execute()
+        pipe.hset(KEY_GOLIVE, mapping=fields)
+        try:
+            await pipe.execute()
+        except WatchError:
+            raise DecisionSupersededError("a newer go-live decision was recorded meanwhile") from None
 
 
 @dataclass(frozen=True)
