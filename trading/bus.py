@@ -54,6 +54,7 @@ KEY_TRADING_STATE = "trading:state"  # string: active (default when unset) / red
 KEY_GOLIVE = "trading:golive"  # hash: the latest go-live decision (trading/golive.py)
 KEY_OPEN_INTENTS = "trading:intents:open"  # hash intent_id -> market: sent by the core, not yet final
 KEY_INFLIGHT = "orders:inflight"  # hash intent_id -> JSON: live orders recorded before they are sent
+KEY_LIVE_OPEN = "orders:live:open"  # hash intent_id -> JSON: live orders sent, reported, still followed
 KEY_OPEN_GAPS = "bitvavo:gaps:open"  # hash market -> JSON {kind, since_ms}: a book being resynced
 
 

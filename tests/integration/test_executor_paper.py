@@ -396,3 +396,24 @@ async def test_a_lake_that_cannot_be_written_stops_the_loop_before_anything_is_r
         assert await client.hexists(KEY_OPEN_INTENTS, intent.intent_id)
     finally:
         await client.aclose()
+
+
+async def test_an_abandoned_open_intent_is_released(sim: SimHandle, redis_db_url: str, tmp_path: Path) -> None:
+    settings = _settings(sim, tmp_path)
+    client = async_client(redis_db_url)
+    try:
+        old = now_ms() - 120_000  # its entry was dead-lettered long ago; nothing will ever close it
+        await client.hset(KEY_OPEN_INTENTS, mapping={
+            "abandoned": orjson.dumps({"market": "BTC-EUR", "side": "buy", "notional": "50", "ts": old}).decode(),
+            "recent": orjson.dumps({"market": "BTC-EUR", "side": "buy", "notional": "50", "ts": now_ms()}).decode()})
+        async with _executor(settings, redis_db_url, _venue(settings)):
+            await _until(lambda: _async_not(client.hexists(KEY_OPEN_INTENTS, "abandoned")))
+        assert await client.hexists(KEY_OPEN_INTENTS, "recent")  # still within its age: left alone
+        released = [e for e in await read_events(client) if e["type"] == "open_intent_released"]
+        assert [e["intent_id"] for e in released] == ["abandoned"]
+    finally:
+        await client.aclose()
+
+
+async def _async_not(check: Awaitable[Any]) -> bool:
+    return not await check

@@ -40,7 +40,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
-from trading.bus import KEY_INFLIGHT, KEY_KILL, KEY_OPEN_INTENTS, ORDERS_EXECUTED, ORDERS_SHADOW, SCHEMA_VERSION
+from trading.bus import (
+    KEY_INFLIGHT,
+    KEY_KILL,
+    KEY_LIVE_OPEN,
+    KEY_OPEN_INTENTS,
+    ORDERS_EXECUTED,
+    ORDERS_SHADOW,
+    SCHEMA_VERSION,
+)
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.consumer import ConsumerMetrics, GroupConsumer, RejectEntry, StreamEntry
@@ -64,6 +72,7 @@ METRICS_PREFIX = "trader_executor"
 DEFAULT_METRICS_PORT = 9603
 DEFAULT_MAX_INTENT_AGE_S = 10.0
 _REDIS_DOWN = (RedisError, OSError)
+ABANDONED_AFTER_MS = 60_000  # beyond the intent age limit, before an open intent with no order is released
 
 
 def _mode(dry_run: bool) -> str:
@@ -386,8 +395,39 @@ class Executor:
 
     async def refresh_gauges(self) -> None:
         await self.consumer.refresh_gauges()
+        await self.sweep_abandoned_intents()
         for mode in ("paper", "live"):
             self.metrics.open_orders(mode).set(sum(1 for m in self._open.values() if m == mode))
+
+    async def sweep_abandoned_intents(self) -> None:
+        """Open intents nothing will ever close (their entry was dead-lettered after repeated failures, or
+        trimmed while pending): past the intent age limit, with no order in flight or open, they are
+        released, so the core's open-intent count does not leak until it refuses every signal."""
+        cutoff = now_ms() - self.max_intent_age_ms - ABANDONED_AFTER_MS
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(KEY_OPEN_INTENTS)
+            pipe.hkeys(KEY_INFLIGHT)
+            pipe.hkeys(KEY_PAPER_OPEN)
+            pipe.hkeys(KEY_LIVE_OPEN)
+            open_intents, inflight, paper_open, live_open = await pipe.execute()
+        busy = set(inflight) | set(paper_open) | set(live_open) | set(self._open) | self._uncommitted
+        abandoned = []
+        for intent_id, raw in open_intents.items():
+            try:
+                ts = int(orjson.loads(raw)["ts"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                ts = 0  # unreadable: as old as can be
+            if ts < cutoff and intent_id not in busy:
+                abandoned.append(intent_id)
+        if not abandoned:
+            return
+        async with self.client.pipeline(transaction=True) as tx:
+            for intent_id in abandoned:
+                tx.hdel(KEY_OPEN_INTENTS, intent_id)
+                queue_event(tx, "open_intent_released", Severity.WARNING, intent_id=intent_id,
+                            detail={"reason": "no order in flight or open and older than the intent age limit"})
+            await tx.execute()
+        log.warning("executor: released %d abandoned open intents: %s", len(abandoned), ", ".join(abandoned[:5]))
 
     def finish(self, endpoint_url: str) -> ExecutorSummary:
         stats = self.consumer.stats

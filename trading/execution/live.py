@@ -35,7 +35,7 @@ from typing import Any, Literal, TypeVar
 import orjson
 import redis.asyncio
 
-from trading.bus import KEY_GOLIVE, KEY_INFLIGHT, KEY_KILL
+from trading.bus import KEY_GOLIVE, KEY_INFLIGHT, KEY_KILL, KEY_LIVE_OPEN
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.decimals import DecimalParseError, format_decimal, parse_decimal
@@ -54,7 +54,6 @@ from trading.orders import FINAL_STATUSES, ExecutionReport, FillRecord, Intent, 
 
 log = logging.getLogger(__name__)
 
-KEY_LIVE_OPEN = "orders:live:open"
 # KEYS: in-flight hash, sent marker, kill switch, go-live hash. ARGV: intent_id, in-flight JSON, sent_ms, TTL s.
 _CLAIM_SEND_LUA = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'sent' end
