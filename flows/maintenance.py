@@ -36,6 +36,15 @@ class MaintenanceFailedError(RuntimeError):
     pass
 
 
+def _lateness(logger: Any, flow_name: str, decision: str, max_lateness_s: int) -> tuple[float, bool]:
+    """How late this run is, and whether that is beyond `max_lateness_s` (then logged with `decision`)."""
+    lateness = lateness_s()
+    late = lateness > max_lateness_s
+    if late:
+        logger.warning("%s %s: %s", flow_name, late_note(lateness, max_lateness_s), decision)
+    return lateness, late
+
+
 def default_archive_dir(settings: Settings) -> Path:
     return settings.parquet_dir.parent / "lake-archive"
 
@@ -96,11 +105,8 @@ def lake_rotation(retention_days: int = 7, mode: Literal["archive", "delete"] = 
     _check_non_negative(max_lateness_s=max_lateness_s)
     logger = get_run_logger()
     settings = Settings.from_env()
-    lateness = lateness_s()
-    late = lateness > max_lateness_s
-    if late:
-        logger.warning("lake-rotation %s: rotating anyway (retention counts from today)",
-                       late_note(lateness, max_lateness_s))
+    lateness, late = _lateness(logger, "lake-rotation", "rotating anyway (retention counts from today)",
+                               max_lateness_s)
     archive_root = Path(archive_dir) if archive_dir else default_archive_dir(settings)
     today = utc_day(now_ms())
     logger.info("lake-rotation of %s: keep %s and %d days before, %s older days%s", settings.parquet_dir, today,
@@ -140,11 +146,8 @@ def backup(backup_dir: str | None = None, scratch_redis_db: int | None = None,
     _check_non_negative(max_lateness_s=max_lateness_s)
     logger = get_run_logger()
     settings = Settings.from_env()
-    lateness = lateness_s()
-    late = lateness > max_lateness_s
-    if late:
-        logger.warning("backup %s: backing up anyway (a missing backup is the bigger risk)",
-                       late_note(lateness, max_lateness_s))
+    lateness, late = _lateness(logger, "backup", "backing up anyway (a missing backup is the bigger risk)",
+                               max_lateness_s)
     backup_root = Path(backup_dir) if backup_dir else default_backup_dir(settings)
     source = None if settings.redis_url is None else sync_client(settings.redis_url, decode_responses=False)
     scratch: redis.Redis | None = None

@@ -21,15 +21,17 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio
 
 from trading.processes import stop_process
+from trading.redis_conn import async_client
 from trading.sim.config import DEFAULT_API_KEY, DEFAULT_API_SECRET
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -157,3 +159,13 @@ def sim_factory() -> Iterator[Callable[..., SimHandle]]:
     """Start extra simulators: `sim_factory(*cli_args, seed=..., markets=..., book_rate=...)`."""
     with ExitStack() as stack:
         yield lambda *args, **kwargs: stack.enter_context(run_simulator(*args, **kwargs))
+
+
+@pytest.fixture
+async def client(redis_db_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    """An async Redis client on the test's own DB, closed after the test."""
+    connection = async_client(redis_db_url)
+    try:
+        yield connection
+    finally:
+        await connection.aclose()

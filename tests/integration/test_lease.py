@@ -1,7 +1,6 @@
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio
@@ -11,14 +10,6 @@ from trading.redis_conn import EmbeddedRedis, async_client
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-async def client(redis_db_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    client = async_client(redis_db_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def test_acquire_stores_the_holder_and_returns_a_fencing_token(client: redis.asyncio.Redis) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import socket
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,6 @@ from trading.lake import channel_files, read_jsonl, utc_day
 from trading.lease import LeaseHeldError
 from trading.matching import MarketRules
 from trading.orders import Intent, intent_id_for
-from trading.redis_conn import async_client
 from trading.risk import GUARD_NAMES, Limits
 from trading.trading_core import (
     KEY_LAST_INTENT,
@@ -54,14 +53,6 @@ RULES = {"BTC-EUR": _rules("BTC-EUR", "1", 8), "ETH-EUR": _rules("ETH-EUR", "0.0
          "XRP-EUR": _rules("XRP-EUR", "0.00001", 6)}
 PRICES = {"BTC-EUR": "74096.5", "ETH-EUR": "2361.905", "XRP-EUR": "1.351335"}
 
-
-@pytest.fixture
-async def client(redis_db_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    client = async_client(redis_db_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def _free_port() -> int:
