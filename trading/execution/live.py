@@ -412,7 +412,11 @@ class LiveVenue:
                 order = await self._call(self._place, intent)
             except BitvavoError as exc:
                 if _uncertain(exc):
-                    return await self._after_uncertain(intent, sent_ms, exc)
+                    # The request was signed at the latest now (the rate governor may have held it after
+                    # sent_ms): count the exchange's access window from here, here and after a restart.
+                    caught_ms = now_ms()
+                    await self._client.hset(KEY_INFLIGHT, intent_id, inflight_json(intent, caught_ms))
+                    return await self._after_uncertain(intent, caught_ms, exc)
                 self.stats.refused_by_exchange += 1
                 report = rejected_report(intent, f"exchange refused the order: [{exc.error_code}] {exc.message}",
                                          now_ms())
