@@ -76,8 +76,9 @@ async def run_checklist(settings: Settings, url: str, *, live: bool, drill: bool
                         stream_max_age_s: float, min_free_gb: float, lake_quiet_s: float,
                         check_maintenance: bool, metrics_ports: Mapping[str, int] | None = None) -> pf.Verdict:
     now = now_ms()
+    # Disk- and network-bound checks run in threads: the flow's event loop also serves its heartbeats.
     checks: list[pf.CheckResult] = [pf.check_live_mode(settings.dry_run, live),
-                                    pf.check_compiles(ROOT, PACKAGES)]
+                                    await asyncio.to_thread(pf.check_compiles, ROOT, PACKAGES)]
     client = async_client(url)
     try:
         redis_check = await pf.guarded("redis reachable, memory below 70%", pf.check_redis(client))
@@ -105,15 +106,16 @@ async def run_checklist(settings: Settings, url: str, *, live: bool, drill: bool
     endpoints = {loop: (f"http://{settings.metrics_host}:{ports[loop]}/metrics", [family])
                  for loop, (_port, family) in LOOP_METRICS.items() if loop in loops}
     checks.append(await pf.guarded("metrics endpoints", pf.check_metrics_endpoints(endpoints)))
-    checks.append(pf.check_lake(settings.parquet_dir, min_free_bytes=int(min_free_gb * 2**30),
-                                max_quiet_s=lake_quiet_s, now=now))
+    checks.append(await asyncio.to_thread(pf.check_lake, settings.parquet_dir,
+                                          min_free_bytes=int(min_free_gb * 2**30), max_quiet_s=lake_quiet_s,
+                                          now=now))
     checks.append(await pf.guarded("automations and a worker", _orchestration()))
     if check_maintenance:
         for flow_name, hours in MAINTENANCE_WINDOWS_H.items():
             checks.append(pf.check_ran_within(f"{flow_name} ran within {hours} h",
                                               await _last_completed_ms(flow_name), hours * 3_600_000, now))
         checks.append(await asyncio.to_thread(_last_backup_restores, default_backup_dir(settings)))
-    checks.append(_credentials(settings, live))
+    checks.append(await asyncio.to_thread(_credentials, settings, live))
     return pf.Verdict("live" if live else "dry-run", tuple(checks))
 
 
