@@ -53,7 +53,6 @@ import platform
 import pstats
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -82,7 +81,7 @@ from trading.exchange.market_rules import rules_from_markets
 from trading.exchange.rest import BitvavoRest
 from trading.lease import LEASE_KEY_PREFIX
 from trading.orders import intent_id_for
-from trading.processes import stop_process
+from trading.processes import free_port, stop_process
 from trading.redis_conn import async_client, redis_url, sync_client
 from trading.signals import BPS, BPS_QUANTUM, SignalParams, signal_id_for
 
@@ -109,11 +108,6 @@ CENTER_POLL_S = 1.0
 DEFAULT_RATE = 100.0  # the trading core falls behind in bursts at 200/s on the 2 shared cores this was written on
 BEHIND_S = 0.25  # a backlog of this much feed time: the consumers did not keep up with the rate
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def percentile(sorted_values: Sequence[float], pct: float) -> float:

@@ -185,7 +185,8 @@ def encode_entry(fields: Mapping[str, Any], *, v: int = SCHEMA_VERSION) -> dict[
     return dict(_encoded_items(fields, v))
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """A Redis reply value as str, whether the client decodes responses or not."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -222,7 +223,7 @@ def decode_entry(raw: Mapping[Any, Any], schema: Schema | None = None, *,
     field stays a string. An entry written by a newer schema than `max_version` is refused
     rather than half-understood.
     """
-    fields = {_text(k): _text(val) for k, val in raw.items()}
+    fields = {as_text(k): as_text(val) for k, val in raw.items()}
     if "v" not in fields or "ts" not in fields:
         raise EntryDecodeError(f"entry lacks 'v' or 'ts': {sorted(fields)}")
     out: dict[str, Any] = dict(fields)

@@ -35,7 +35,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from trading.backoff import Backoff
-from trading.bus import dead_letter_stream, encode_entry
+from trading.bus import as_text, dead_letter_stream, encode_entry
 from trading.clock import now_ms
 from trading.lake import LakeWriteError
 from trading.log_sampling import worth_logging
@@ -143,7 +143,7 @@ class GroupConsumer:
                 break
         claimed.sort(key=lambda e: _id_key(e.entry_id))
         for info in await self.client.xinfo_consumers(self.stream, self.group):
-            name = _text(info["name"])
+            name = as_text(info["name"])
             if name != self.consumer and int(info["pending"]) == 0:
                 await self.client.xgroup_delconsumer(self.stream, self.group, name)
         self.stats.reclaimed += len(claimed)
@@ -153,8 +153,8 @@ class GroupConsumer:
         return claimed
 
     async def _entry(self, entry_id: Any, fields: Any, *, deliveries: int | None) -> StreamEntry:
-        entry_id = _text(entry_id)
-        decoded = {_text(k): _text(v) for k, v in (fields or {}).items()}
+        entry_id = as_text(entry_id)
+        decoded = {as_text(k): as_text(v) for k, v in (fields or {}).items()}
         if deliveries is None:
             detail = await self.client.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
             deliveries = int(detail[0]["times_delivered"]) if detail else 1
@@ -195,8 +195,8 @@ class GroupConsumer:
         entries: list[StreamEntry] = []
         for _stream, items in reply or ():
             for entry_id, fields in items:
-                entries.append(StreamEntry(self.stream, _text(entry_id),
-                                           {_text(k): _text(v) for k, v in (fields or {}).items()}, 1))
+                entries.append(StreamEntry(self.stream, as_text(entry_id),
+                                           {as_text(k): as_text(v) for k, v in (fields or {}).items()}, 1))
         return entries
 
     async def process(self, entry: StreamEntry, handle: Handler) -> None:
@@ -276,18 +276,15 @@ class GroupConsumer:
         """Pending and lag from the group (Redis 6.2 has no `lag` field: count what follows the cursor)."""
         groups = await self.client.xinfo_groups(self.stream)
         for info in groups:
-            if _text(info["name"]) != self.group:
+            if as_text(info["name"]) != self.group:
                 continue
             self._metrics.pending(self.stream).set(int(info["pending"]))
             lag = info.get("lag")
             if lag is None:
-                after = "(" + _text(info["last-delivered-id"])
+                after = "(" + as_text(info["last-delivered-id"])
                 lag = len(await self.client.xrange(self.stream, min=after, max="+", count=10_000))
             self._metrics.lag(self.stream).set(int(lag))
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from redis.exceptions import WatchError
 
-from trading.bus import KEY_GOLIVE, KEY_KILL
+from trading.bus import KEY_GOLIVE, KEY_KILL, as_text
 
 DECISION_GO = "GO"
 DECISION_NO_GO = "NO-GO"
@@ -28,15 +28,12 @@ class GateStatus:
     reason: str
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 def gate_from_state(kill: Any, record: dict[Any, Any], now_ms: int) -> GateStatus:
     """The gate given the kill key's value and the decision hash (pure: tests and preflight use it)."""
-    if kill is not None and _text(kill) == "1":
+    if kill is not None and as_text(kill) == "1":
         return GateStatus(False, "kill switch is on (trading:kill=1)")
-    fields = {_text(k): _text(v) for k, v in record.items()}
+    fields = {as_text(k): as_text(v) for k, v in record.items()}
     decision = fields.get("decision")
     if decision is None:
         return GateStatus(False, "no go-live decision recorded (run the go-live flow)")
@@ -66,7 +63,7 @@ class DecisionSupersededError(RuntimeError):
 
 async def latest_decided_ms(client: Any) -> str | None:
     value = await client.hget(KEY_GOLIVE, "decided_ms")
-    return None if value is None else _text(value)
+    return None if value is None else as_text(value)
 
 
 async def record_decision(client: Any, *, decision: str, operator: str, reason: str, decided_ms: int,

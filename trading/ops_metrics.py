@@ -29,7 +29,7 @@ from trading.lease import Lease
 from trading.log_sampling import worth_logging
 from trading.loop import every, run_guarded
 from trading.metrics import LabelCache, MetricsEndpoint
-from trading.redis_conn import async_client, redis_url
+from trading.redis_conn import async_client, memory_limit, redis_url
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,7 @@ class OpsExporter:
             return
         self.metrics.redis_up.set(1)
         self.metrics.redis_used_memory.set(int(info["used_memory"]))
-        limit = int(info.get("maxmemory", 0)) or int(info.get("total_system_memory", 0))
-        self.metrics.redis_memory_limit.set(limit)
+        self.metrics.redis_memory_limit.set(memory_limit(info)[0])
 
     def refresh_lake(self) -> None:
         try:

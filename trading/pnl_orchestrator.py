@@ -46,6 +46,7 @@ from trading.bus import (
     STREAM_BOOK,
     EntryDecodeError,
     EntryEncodeError,
+    as_text,
     decode_entry,
     encode_entry,
 )
@@ -118,7 +119,7 @@ async def rebuild_from_stream(client: redis.asyncio.Redis, *, stream: str = ORDE
         for entry_id, fields in entries:
             replay.feed(fields, f"{stream} {entry_id}")
         if entries:
-            replay.last_id = _text(entries[-1][0])
+            replay.last_id = as_text(entries[-1][0])
             lower = "(" + replay.last_id
         if len(entries) < page:
             return replay
@@ -186,7 +187,7 @@ class BookMarks:
         while scanned < self._max_scan:
             entries = await self._client.xrevrange(self._stream, max=upper, min=lower, count=self._page)
             if entries and newest is None:
-                newest = _text(entries[0][0])
+                newest = as_text(entries[0][0])
             for _entry_id, raw in entries:
                 market = raw.get("market", "")
                 if market in wanted and market not in found:
@@ -196,7 +197,7 @@ class BookMarks:
             scanned += len(entries)
             if len(entries) < self._page or len(found) == len(wanted):
                 break
-            upper = "(" + _text(entries[-1][0])
+            upper = "(" + as_text(entries[-1][0])
         self._searched |= wanted
         if newest is not None:
             self._newest = newest
@@ -442,9 +443,6 @@ async def run_pnl(settings: Settings, *, redis_url: str, duration_s: float | Non
     return summary
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 # -- rebuild by hand ----------------------------------------------------------------------------
 
@@ -454,7 +452,7 @@ async def _rebuild(args: argparse.Namespace) -> int:
     with redis_url(settings) as url:
         client = async_client(url)
         try:
-            live = {_text(k): _text(v) for k, v in (await client.hgetall(KEY_PNL)).items()}
+            live = {as_text(k): as_text(v) for k, v in (await client.hgetall(KEY_PNL)).items()}
             if args.source == "stream":
                 replay = await rebuild_from_stream(client)
             else:

@@ -24,10 +24,11 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from trading.bus import KEY_KILL, KEY_KILL_DRILL, ORDERS_SHADOW, TRADING_EVENTS, decode_entry, encode_entry
+from trading.bus import KEY_KILL, KEY_KILL_DRILL, ORDERS_SHADOW, TRADING_EVENTS, as_text, decode_entry, encode_entry
 from trading.clock import now_ms
 from trading.lake import utc_day
 from trading.lease import LEASE_KEY_PREFIX
+from trading.redis_conn import memory_limit
 
 MEMORY_LIMIT_RATIO = Decimal("0.7")
 
@@ -115,11 +116,7 @@ async def check_redis(client: Any) -> CheckResult:
     name = "redis reachable, memory below 70%"
     info = await client.info("memory")
     used = int(info["used_memory"])
-    limit = int(info.get("maxmemory") or 0)
-    source = "maxmemory"
-    if limit == 0:
-        limit = int(info.get("total_system_memory") or 0)
-        source = "system RAM"
+    limit, source = memory_limit(info)
     if limit <= 0:
         return failed(name, "Redis reports neither maxmemory nor total_system_memory")
     ratio = Decimal(used) / Decimal(limit)
@@ -164,12 +161,12 @@ async def check_kill_switch_off(client: Any) -> CheckResult:
 async def check_signal_engine(client: Any, signal_stream: str, book_stream: str, max_lag: int) -> CheckResult:
     """The engine's group on the book stream keeps up; signals exist (a quiet market may have none recently)."""
     name = "signal engine producing"
-    groups = {_text(g["name"]): g for g in await client.xinfo_groups(book_stream)} if await client.exists(
+    groups = {as_text(g["name"]): g for g in await client.xinfo_groups(book_stream)} if await client.exists(
         book_stream) else {}
     group = groups.get("signal-engine")
     if group is None:
         return failed(name, f"no consumer group signal-engine on {book_stream}: the engine never ran")
-    last = _text(group["last-delivered-id"])
+    last = as_text(group["last-delivered-id"])
     lag = len(await client.xrange(book_stream, min="(" + last, max="+", count=max_lag + 1))
     if lag > max_lag:
         return failed(name, f"{lag}+ book entries not yet read by the signal engine (limit {max_lag})")
@@ -340,6 +337,3 @@ def check_live_mode(dry_run: bool, live: bool) -> CheckResult:
         return failed(name, "live checklist but DRY_RUN=true: set DRY_RUN=false on the loops' deployments")
     return passed(name, "DRY_RUN=false")
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from typing import Any
 
@@ -15,3 +16,10 @@ def stop_process(process: subprocess.Popen[Any], timeout_s: float = 5.0) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
     return process.wait(timeout=timeout_s)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for servers we start)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

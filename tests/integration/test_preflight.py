@@ -16,12 +16,12 @@ from deployments.automations import upsert_automations
 from flows.maintenance import backup, lake_compaction, lake_rotation
 from flows.preflight import PreflightNoGo, preflight, run_checklist
 from tests.integration.conftest import SimHandle
-from tests.integration.stack import LOOPS, free_port, running_stack, stack_settings
+from tests.integration.stack import LOOPS, running_stack, stack_settings
 from trading.bus import KEY_KILL
 from trading.clock import now_ms
 from trading.golive import DECISION_GO, live_gate, record_decision
 from trading.preflight import Status, Verdict
-from trading.processes import stop_process
+from trading.processes import free_port, stop_process
 from trading.redis_conn import async_client
 
 BIN = Path(sys.executable).parent

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -40,7 +39,7 @@ from trading.kill_switch import set_kill_switch
 from trading.metrics_catalogue import PROMETHEUS_SERIES, catalogue
 from trading.ops_metrics import OpsExporter, OpsMetrics, run_ops_exporter
 from trading.pnl_orchestrator import run_pnl
-from trading.processes import stop_process
+from trading.processes import free_port, stop_process
 from trading.redis_conn import async_client
 from trading.signal_engine import run_signal_engine
 from trading.trading_core import run_trading_core
@@ -70,12 +69,6 @@ def prometheus_binary() -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
 
 def _rules_with_instant_kill_switch_alert(path: Path) -> None:
     document = yaml.safe_load(ALERTS.read_text())
@@ -93,7 +86,7 @@ async def _prometheus(binary: str, workdir: Path, targets: dict[str, str]) -> As
     _rules_with_instant_kill_switch_alert(rules)
     config = workdir / "prometheus.yml"
     config.write_text(render(targets, scrape_interval="1s", evaluation_interval="1s", rule_files=[str(rules)]))
-    port = _free_port()
+    port = free_port()
     log_path = workdir / "prometheus.log"
     with log_path.open("w") as log:
         process = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
@@ -163,7 +156,7 @@ async def test_prometheus_scrapes_every_loop_and_the_kill_switch_alert_fires(
         sim: SimHandle, redis_db_url: str, tmp_path: Path, prometheus_binary: str) -> None:
     settings = Settings(parquet_dir=tmp_path / "lake", ingest_markets=MARKETS, bitvavo_rest_url=sim.rest_url,
                         bitvavo_ws_url=sim.ws_url)
-    ports = {job: _free_port() for job in JOBS}
+    ports = {job: free_port() for job in JOBS}
     url = redis_db_url
     venue = PaperVenue.from_settings(settings, MARKETS, balances={"EUR": Decimal(100_000)})
     loops = [
@@ -252,7 +245,7 @@ async def test_ops_exporter_reads_redis_memory_and_the_lake_disk(redis_db_url: s
 
 async def test_ops_exporter_counts_an_unreachable_redis_and_keeps_going(tmp_path: Path) -> None:
     metrics = OpsMetrics()
-    client = async_client(f"redis://127.0.0.1:{_free_port()}/0")  # nothing listens there
+    client = async_client(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     try:
         exporter = OpsExporter(client, tmp_path, metrics)
         await exporter.refresh()

@@ -7,7 +7,6 @@ Each test runs `run_signal_engine` for a short bounded segment. A new consumer g
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.request
 from collections.abc import Iterator
 from decimal import Decimal
@@ -24,6 +23,7 @@ from trading.consumer import StreamEntry
 from trading.lake import LakeWriteError, LakeWriter, channel_files, read_jsonl, utc_day
 from trading.lease import LeaseHeldError
 from trading.metrics import sample_value
+from trading.processes import free_port
 from trading.redis_conn import async_client
 from trading.signal_engine import (
     LOOP_NAME,
@@ -40,12 +40,6 @@ PARAMS = SignalParams(max_spread_bps=Decimal("25"), min_volatility_bps=Decimal("
 # Mids 100, 101, 100, 101, ... with a 0.02 spread: from the third entry on, every entry is a signal.
 QUOTES = [("99.99", "100.01"), ("100.99", "101.01")]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _book(nonce: int, bid: str, ask: str, *, market: str = "BTC-EUR", ts: int | None = None) -> dict[str, Any]:
@@ -133,7 +127,7 @@ def _fetch(url: str) -> str:
 async def test_book_entries_in_signals_out_with_the_contract_fields(harness: Harness) -> None:
     # Hours-old history before the group exists: a new group starts at "$" and never sees it.
     await harness.add(_book(900, "1", "2", ts=now_ms() - 3 * 3_600_000))
-    port = _free_port()
+    port = free_port()
     run = harness.start(2.0, metrics_port=port)
     await harness.started(run)
     entries = [_book(1, "99.99", "100.01"), _book(2, "100.99", "101.01"), _book(3, "99.99", "100.01")]
@@ -252,7 +246,7 @@ async def test_a_crash_between_read_and_ack_is_processed_once_after_restart(harn
 
 
 async def test_a_second_instance_is_blocked_by_the_lease(harness: Harness) -> None:
-    port = _free_port()
+    port = free_port()
     first = harness.start(1.5, metrics_port=port)
     await harness.started(first)
     # Same metrics port: the second instance must fail on the lease before it binds anything.

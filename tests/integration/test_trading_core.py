@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import urllib.request
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -26,6 +25,7 @@ from trading.lake import channel_files, read_jsonl, utc_day
 from trading.lease import LeaseHeldError
 from trading.matching import MarketRules
 from trading.orders import Intent, intent_id_for
+from trading.processes import free_port
 from trading.risk import GUARD_NAMES, Limits
 from trading.trading_core import (
     KEY_LAST_INTENT,
@@ -55,12 +55,6 @@ PRICES = {"BTC-EUR": "74096.5", "ETH-EUR": "2361.905", "XRP-EUR": "1.351335"}
 
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
 
 def _signal(signal_id: str, market: str = "BTC-EUR", side: str = "buy", **changes: Any) -> dict[str, str]:
     fields: dict[str, Any] = {"ts": now_ms(), "signal_id": signal_id, "market": market, "side": side,
@@ -77,7 +71,7 @@ async def _publish(client: redis.asyncio.Redis, *signals: dict[str, str]) -> Non
 
 def _core(settings: Settings, url: str, **kwargs: Any) -> Awaitable[TradingCoreSummary]:
     kwargs.setdefault("duration_s", 1.0)
-    kwargs.setdefault("metrics_port", _free_port())
+    kwargs.setdefault("metrics_port", free_port())
     return run_trading_core(settings, redis_url=url, market_rules=RULES, start_id="0", gauge_interval_s=0.1,
                             **kwargs)
 
@@ -149,7 +143,7 @@ async def test_signals_become_intents_with_the_contract_fields(client: redis.asy
 
 async def test_kill_switch_blocks_with_an_event_and_clearing_it_resumes(client: redis.asyncio.Redis,
                                                                         redis_db_url: str, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     await client.set(KEY_KILL, "1")
     task = asyncio.create_task(_core(Settings(parquet_dir=tmp_path), redis_db_url, duration_s=20, metrics_port=port))
     try:

@@ -16,11 +16,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 import redis
+
+from trading.bus import as_text
 
 SCAN_BATCH = 500
 
@@ -72,14 +74,11 @@ def _dump_batch(client: redis.Redis, keys: list[bytes], out: IO[bytes]) -> int:
         kind, pttl, payload = replies[3 * index: 3 * index + 3]
         if payload is None:  # expired or deleted since SCAN returned it
             continue
-        out.write(orjson.dumps({"key": base64.b64encode(key).decode(), "type": _text(kind), "pttl": pttl,
+        out.write(orjson.dumps({"key": base64.b64encode(key).decode(), "type": as_text(kind), "pttl": pttl,
                                 "dump": base64.b64encode(payload).decode()}, option=orjson.OPT_APPEND_NEWLINE))
         count += 1
     return count
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def read_dump(path: Path) -> Iterator[DumpedKey]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import redis
 
+from trading.bus import as_text
 from trading.lake import JSONL_SUFFIX, LakeFormatError, TornTail, read_jsonl
 from trading.maintenance.backup import LAKE_DIR, MANIFEST, REDIS_SNAPSHOT, BackupError, read_manifest
 from trading.maintenance.compaction import PARQUET_SUFFIX
@@ -137,7 +138,7 @@ def _check_snapshot(snapshot: Path, facts: dict[str, Any], scratch: redis.Redis 
         try:
             for item in restore_dump(client, snapshot):
                 restored.append(item)
-            wrong_type = [item.key for item in restored if _text(client.type(item.key)) != item.type]
+            wrong_type = [item.key for item in restored if as_text(client.type(item.key)) != item.type]
             if wrong_type:
                 check.problems.append(f"{REDIS_SNAPSHOT}: {len(wrong_type)} keys restored with another type")
             if len(restored) != int(facts["keys"]) or client.dbsize() != len(restored):
@@ -160,9 +161,6 @@ def _digest_of(path: Path) -> tuple[int, str]:
     digest = file_digest(path)
     return digest.size, digest.sha256
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @contextmanager
