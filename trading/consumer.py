@@ -98,7 +98,8 @@ class GroupConsumer:
 
     def __init__(self, client: redis.asyncio.Redis, stream: str, group: str, *, metrics: ConsumerMetrics,
                  start_id: str = "$", batch_size: int = 100, block_ms: int = 500, max_attempts: int = 5,
-                 retry_backoff: Backoff | None = None, dead_maxlen: int = 100_000) -> None:
+                 retry_backoff: Backoff | None = None, dead_maxlen: int = 100_000,
+                 on_commit: Callable[[StreamEntry], None] | None = None) -> None:
         self.client: Any = client  # redis-py's async stubs type replies as sync|async unions
         self.stream = stream
         self.group = group
@@ -113,6 +114,7 @@ class GroupConsumer:
         self._dead_stream = dead_letter_stream(stream)
         self._dead_maxlen = dead_maxlen
         self._done_prefix = f"done:{group}:"
+        self._on_commit = on_commit  # after an entry's transaction committed (e.g. lake copies, counters)
         self.stats = ConsumerStats()
 
     # -- group set-up and recovery ------------------------------------------------------------
@@ -215,9 +217,7 @@ class GroupConsumer:
                     await handle(entry, tx)
                     tx.xack(self.stream, self.group, entry.entry_id)
                     await tx.execute()
-                self.stats.consumed += 1
-                self._metrics.consumed(self.stream).inc()
-                return
+                break
             except RejectEntry as exc:
                 await self.dead_letter(entry, str(exc), cause="rejected")
                 return
@@ -237,6 +237,10 @@ class GroupConsumer:
                     log.warning("%s: entry %s failed (attempt %d of %d): %s", self.group, entry.entry_id,
                                 attempts - 1, self._max_attempts, self.stats.last_error)
                 await asyncio.sleep(self._retry_backoff.next_delay())
+        self.stats.consumed += 1
+        self._metrics.consumed(self.stream).inc()
+        if self._on_commit is not None:  # outside the retry: the entry is acked, it must never run again
+            self._on_commit(entry)
 
     async def dead_letter(self, entry: StreamEntry, reason: str, *, cause: str) -> None:
         """Move the entry to `<stream>:dead` (original fields kept verbatim) and ack it, atomically."""

@@ -53,7 +53,7 @@ from trading.bus import (
 )
 from trading.clock import now_ms
 from trading.config import MARKET_PATTERN, ConfigError, Settings
-from trading.consumer import ConsumerMetrics, GroupConsumer, Handler, RejectEntry, StreamEntry
+from trading.consumer import ConsumerMetrics, GroupConsumer, RejectEntry, StreamEntry
 from trading.decimals import format_decimal
 from trading.events import Severity, queue_event
 from trading.exchange.errors import BitvavoError
@@ -270,23 +270,6 @@ class _Decided:
     signal_age_s: float
 
 
-class _CommitAwareConsumer(GroupConsumer):
-    """A GroupConsumer that tells the core which entries' transactions committed."""
-
-    def __init__(self, core: TradingCore, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.core = core
-
-    async def process(self, entry: StreamEntry, handle: Handler) -> None:
-        committed_before = self.stats.consumed
-        try:
-            await super().process(entry, handle)
-            if self.stats.consumed > committed_before:
-                self.core.committed(entry.entry_id)
-        finally:
-            self.core.discard_pending()
-
-
 class TradingCore:
     """The per-signal decision; `run_trading_core` wires it to the stream, lake and metrics."""
 
@@ -295,8 +278,8 @@ class TradingCore:
                  start_id: str = "$") -> None:
         self.settings = settings
         self.client: Any = client  # redis-py's async stubs type replies as sync|async unions
-        self.consumer = _CommitAwareConsumer(self, client, settings.signal_stream, LOOP_NAME,
-                                             metrics=metrics.consumer, start_id=start_id)
+        self.consumer = GroupConsumer(client, settings.signal_stream, LOOP_NAME, metrics=metrics.consumer,
+                                      start_id=start_id, on_commit=lambda entry: self.committed(entry.entry_id))
         self.limits = limits
         self.order_notional = order_notional
         self.slippage_bps = slippage_bps
@@ -398,10 +381,6 @@ class TradingCore:
         except (LakeWriteError, LakeFormatError) as exc:
             raise LakeFailure(f"{LOOP_NAME}: lake write failed after entry {entry_id} was decided (the decision "
                               f"is in Redis: orders:shadow / trading:events): {exc}") from exc
-
-    def discard_pending(self) -> None:
-        """A decision whose transaction did not commit (retried or dead-lettered) is forgotten."""
-        self._pending = None
 
     async def refresh_gauges(self) -> None:
         async with self.client.pipeline(transaction=False) as pipe:

@@ -228,3 +228,29 @@ async def test_a_lake_failure_stops_the_loop_instead_of_being_retried_as_redis_d
             await consumer.run(disk_full)
     assert (await client.xpending(STREAM, "role"))["pending"] == 1  # not acked: processed after the fix
     await client.aclose()
+
+
+async def test_on_commit_runs_once_per_committed_entry_and_never_retries_it(redis_db_url: str) -> None:
+    client = async_client(redis_db_url)
+    committed: list[str] = []
+
+    def on_commit(entry: StreamEntry) -> None:
+        committed.append(entry.fields["key"])
+        if entry.fields["key"] == "k2":
+            raise RuntimeError("lake copy failed")  # stops the loop: the entry is acked and done
+
+    consumer = GroupConsumer(client, STREAM, "role", metrics=ConsumerMetrics("t", CollectorRegistry()),
+                             start_id="0", block_ms=50, on_commit=on_commit)
+    await _add(client, 4)
+
+    async def reject_k1(entry: StreamEntry, tx: Pipeline) -> None:
+        if entry.fields["key"] == "k1":
+            raise RejectEntry("bad")
+        await _copy_to_out(entry, tx)
+
+    with pytest.raises(RuntimeError, match="lake copy failed"):
+        async with asyncio.timeout(5):
+            await consumer.run(reject_k1)
+    assert committed == ["k0", "k2"]  # not the dead-lettered k1; k2 once, not retried; the loop stopped
+    assert await _out_keys(client) == ["k0", "k2"]
+    await client.aclose()
