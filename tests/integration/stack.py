@@ -24,6 +24,7 @@ from trading.ingest.orderbook import OrderbookIngest
 from trading.ingest.runner import run_ingest
 from trading.ingest.ticker24h import Ticker24hIngest
 from trading.lease import LEASE_KEY_PREFIX
+from trading.ops_metrics import run_ops_exporter
 from trading.pnl_orchestrator import run_pnl
 from trading.processes import free_port
 from trading.redis_conn import async_client
@@ -80,17 +81,23 @@ async def running_stack(settings: Settings, redis_url: str, *, loops: tuple[str,
     stack = Stack(settings, redis_url, client, {name: free_port() for name in loops})
     coroutines: dict[str, Coroutine[Any, Any, Any]] = {
         "ingest:ticker24h": run_ingest(Ticker24hIngest(), settings, redis_url=redis_url,
-                                       metrics_port=stack.ports.get("ingest:ticker24h", 0), universe_poll_s=1.0),
+                                       metrics_port=stack.ports.get("ingest:ticker24h", 0), universe_poll_s=1.0,
+                                       gauge_interval_s=0.5),
         "ingest:orderbook": run_ingest(OrderbookIngest(), settings, redis_url=redis_url,
-                                       metrics_port=stack.ports.get("ingest:orderbook", 0), universe_poll_s=1.0),
+                                       metrics_port=stack.ports.get("ingest:orderbook", 0), universe_poll_s=1.0,
+                                       gauge_interval_s=0.5),
         "signal-engine": run_signal_engine(settings, redis_url=redis_url, metrics_port=stack.ports.get(
-            "signal-engine", 0), **dict(signal_options or {})),
+            "signal-engine", 0), gauge_interval_s=0.5, **dict(signal_options or {})),
         "trading-core": run_trading_core(settings, redis_url=redis_url,
-                                         metrics_port=stack.ports.get("trading-core", 0)),
+                                         metrics_port=stack.ports.get("trading-core", 0), gauge_interval_s=0.5),
         "executor": run_executor(settings, redis_url=redis_url,
                                  venue=PaperVenue.from_settings(settings, settings.markets_or_default()),
-                                 metrics_port=stack.ports.get("executor", 0), poll_interval_s=0.2),
-        "pnl": run_pnl(settings, redis_url=redis_url, metrics_port=stack.ports.get("pnl", 0), mark_every_s=0.5),
+                                 metrics_port=stack.ports.get("executor", 0), poll_interval_s=0.2,
+                                 gauge_interval_s=0.5),
+        "pnl": run_pnl(settings, redis_url=redis_url, metrics_port=stack.ports.get("pnl", 0), mark_every_s=0.5,
+                       gauge_every_s=0.5),
+        "ops-metrics": run_ops_exporter(settings, redis_url=redis_url, metrics_port=stack.ports.get("ops-metrics", 0),
+                                        interval_s=0.5),
     }
     for name, coroutine in coroutines.items():
         if name in loops:

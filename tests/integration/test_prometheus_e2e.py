@@ -1,11 +1,12 @@
 """A real Prometheus scrapes the running stack on the simulator, and the kill-switch alert fires.
 
 The order-book ingest, signal engine, trading core, paper executor, PnL loop and ops exporter run
-in-process on free ports against the simulator and a real Redis. Prometheus (Debian's binary, from
-`make tools`) gets the scrape config `deployments.prometheus.config.render` writes for those ports,
-1 s intervals and the real `alerts.yml` with `KillSwitchOn`'s `for` set to 0 s (production waits
-1 minute). The test checks through Prometheus' HTTP API that every target is up and exports its
-catalogued families (and nothing else), then sets `trading:kill=1` and waits for the alert to fire.
+in-process (the shared `tests/integration/stack.py`) against the simulator and a real Redis.
+Prometheus (Debian's binary, from `make tools`) gets the scrape config that
+`deployments.prometheus.config.render` writes for those ports, 1 s intervals and the real
+`alerts.yml` with `KillSwitchOn`'s `for` set to 0 s (production waits 1 minute). The test checks
+through Prometheus' HTTP API that every target is up and exports its catalogued families (and
+nothing else), then sets `trading:kill=1` and waits for the alert to fire.
 """
 
 from __future__ import annotations
@@ -19,35 +20,29 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio
 import yaml
 
 from deployments.prometheus.config import render
 from tests.integration.conftest import SimHandle
+from tests.integration.stack import Stack, running_stack, stack_settings
 from tests.unit.test_alert_rules import ALERTS, find_tool
-from trading.config import Settings
-from trading.execution.executor import run_executor
-from trading.execution.paper import PaperVenue
-from trading.ingest.orderbook import OrderbookIngest
-from trading.ingest.runner import run_ingest
 from trading.kill_switch import set_kill_switch
 from trading.metrics_catalogue import PROMETHEUS_SERIES, catalogue
-from trading.ops_metrics import OpsExporter, OpsMetrics, run_ops_exporter
-from trading.pnl_orchestrator import run_pnl
+from trading.ops_metrics import OpsExporter, OpsMetrics
 from trading.processes import free_port, stop_process
 from trading.redis_conn import async_client
-from trading.signal_engine import run_signal_engine
-from trading.trading_core import run_trading_core
 
 pytestmark = pytest.mark.integration
 
 MARKETS = ("BTC-EUR", "ETH-EUR")
-JOBS = ("ingest-orderbook", "signal-engine", "trading-core", "executor", "pnl-orchestrator", "ops-metrics")
+# Prometheus job (deployment name) -> the loop (lease name) the shared stack runs for it.
+JOB_LOOPS = {"ingest-orderbook": "ingest:orderbook", "signal-engine": "signal-engine", "trading-core": "trading-core",
+             "executor": "executor", "pnl-orchestrator": "pnl", "ops-metrics": "ops-metrics"}
+JOBS = tuple(JOB_LOOPS)
 # Labelled families that a few seconds of the simulator's book (and the gauge refreshes) always create.
 LABELLED = {
     "ingest-orderbook": {"ingest_messages_total", "ingest_last_message_age_seconds", "ingest_stream_length",
@@ -154,74 +149,58 @@ async def _alert_states(base: str, name: str) -> list[str]:
 
 async def test_prometheus_scrapes_every_loop_and_the_kill_switch_alert_fires(
         sim: SimHandle, redis_db_url: str, tmp_path: Path, prometheus_binary: str) -> None:
-    settings = Settings(parquet_dir=tmp_path / "lake", ingest_markets=MARKETS, bitvavo_rest_url=sim.rest_url,
-                        bitvavo_ws_url=sim.ws_url)
-    ports = {job: free_port() for job in JOBS}
-    url = redis_db_url
-    venue = PaperVenue.from_settings(settings, MARKETS, balances={"EUR": Decimal(100_000)})
-    loops = [
-        run_ingest(OrderbookIngest(), settings, redis_url=url, metrics_port=ports["ingest-orderbook"],
-                   gauge_interval_s=0.5),
-        run_signal_engine(settings, redis_url=url, metrics_port=ports["signal-engine"], gauge_interval_s=0.5),
-        run_trading_core(settings, redis_url=url, metrics_port=ports["trading-core"], gauge_interval_s=0.5),
-        run_executor(settings, redis_url=url, venue=venue, metrics_port=ports["executor"], gauge_interval_s=0.5),
-        run_pnl(settings, redis_url=url, metrics_port=ports["pnl-orchestrator"], gauge_every_s=0.5,
-                mark_every_s=0.5),
-        run_ops_exporter(settings, redis_url=url, metrics_port=ports["ops-metrics"], interval_s=0.5),
-    ]
-    tasks = [asyncio.create_task(loop) for loop in loops]
-    client: redis.asyncio.Redis = async_client(url)
+    settings = stack_settings(sim, redis_db_url, tmp_path / "lake")
+    async with running_stack(settings, redis_db_url, loops=tuple(JOB_LOOPS.values())) as stack:
+        ports = {job: stack.ports[loop] for job, loop in JOB_LOOPS.items()}
+        await _scrape_and_fire(stack, ports, tmp_path, prometheus_binary)
+
+
+async def _scrape_and_fire(stack: Stack, ports: dict[str, int], tmp_path: Path, prometheus_binary: str) -> None:
+    tasks = list(stack.tasks.values())
+    client = stack.client
     cat = catalogue()
-    try:
-        async with _prometheus(prometheus_binary, tmp_path,
-                               {job: f"127.0.0.1:{port}" for job, port in ports.items()}) as base:
+    async with _prometheus(prometheus_binary, tmp_path,
+                           {job: f"127.0.0.1:{port}" for job, port in ports.items()}) as base:
 
-            targets: dict[str, str] = {}
+        targets: dict[str, str] = {}
 
-            async def all_up() -> bool:
-                failed = [task for task in tasks if task.done()]
-                if failed:  # a loop that stopped is the story, not a timeout
-                    failed[0].result()
-                    raise AssertionError("a loop stopped early")
-                targets.update(await _targets_up(base))
-                return targets == dict.fromkeys(JOBS, "up")
+        async def all_up() -> bool:
+            failed = [task for task in tasks if task.done()]
+            if failed:  # a loop that stopped is the story, not a timeout
+                failed[0].result()
+                raise AssertionError("a loop stopped early")
+            targets.update(await _targets_up(base))
+            return targets == dict.fromkeys(JOBS, "up")
 
-            await _until(all_up, "every loop target up", 20, lambda: targets)
+        await _until(all_up, "every loop target up", 20, lambda: targets)
 
-            missing: dict[str, set[str]] = {}
+        missing: dict[str, set[str]] = {}
 
-            async def families_present() -> bool:
-                for job in JOBS:
-                    families = cat.families_of_job(job)
-                    expected = {name for f in families if not f.labels for name in f.series} | LABELLED[job]
-                    missing[job] = expected - await _series_of(base, job)
-                return not any(missing.values())
-
-            await _until(families_present, "each loop's families in Prometheus", 15,
-                         lambda: {job: names for job, names in missing.items() if names})
+        async def families_present() -> bool:
             for job in JOBS:
-                exposed = {name for family in cat.families_of_job(job) for name in family.series}
-                exposed |= PROMETHEUS_SERIES
-                scraped = await _series_of(base, job)
-                assert scraped <= exposed, f"{job} exports series missing from docs/metrics.md: {scraped - exposed}"
-            for reading in ("trading_ops_redis_up == 1", "trading_ops_redis_used_memory_bytes > 0",
-                            "trading_ops_lake_free_bytes > 0", "trading_core_kill_switch == 0"):
-                assert (await _api(base, "query", query=reading))["result"], f"no series satisfies {reading}"
-            assert await _alert_states(base, "KillSwitchOn") == []  # off: the alert has nothing to say
+                families = cat.families_of_job(job)
+                expected = {name for f in families if not f.labels for name in f.series} | LABELLED[job]
+                missing[job] = expected - await _series_of(base, job)
+            return not any(missing.values())
 
-            await set_kill_switch(client, enabled=True, operator="e2e-test", reason="alert must fire")
+        await _until(families_present, "each loop's families in Prometheus", 15,
+                     lambda: {job: names for job, names in missing.items() if names})
+        for job in JOBS:
+            exposed = {name for family in cat.families_of_job(job) for name in family.series}
+            exposed |= PROMETHEUS_SERIES
+            scraped = await _series_of(base, job)
+            assert scraped <= exposed, f"{job} exports series missing from docs/metrics.md: {scraped - exposed}"
+        for reading in ("trading_ops_redis_up == 1", "trading_ops_redis_used_memory_bytes > 0",
+                        "trading_ops_lake_free_bytes > 0", "trading_core_kill_switch == 0"):
+            assert (await _api(base, "query", query=reading))["result"], f"no series satisfies {reading}"
+        assert await _alert_states(base, "KillSwitchOn") == []  # off: the alert has nothing to say
 
-            async def firing() -> bool:
-                return await _alert_states(base, "KillSwitchOn") == ["firing"]
+        await set_kill_switch(client, enabled=True, operator="e2e-test", reason="alert must fire")
 
-            await _until(firing, "KillSwitchOn firing", 15)
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await client.aclose()
+        async def firing() -> bool:
+            return await _alert_states(base, "KillSwitchOn") == ["firing"]
+
+        await _until(firing, "KillSwitchOn firing", 15)
 
 
 async def test_ops_exporter_reads_redis_memory_and_the_lake_disk(redis_db_url: str, tmp_path: Path) -> None:
