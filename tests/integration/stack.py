@@ -54,10 +54,7 @@ class Stack:
 
     async def stop_loop(self, name: str) -> None:
         """Cancel one loop (an operator's cancel) and wait until its lease is gone."""
-        task = self.tasks.pop(name)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_tasks({name: self.tasks.pop(name)})
         assert not await self.client.exists(LEASE_KEY_PREFIX + name)
 
     async def wait_until_running(self, timeout_s: float = 30.0) -> None:
@@ -107,9 +104,27 @@ async def running_stack(settings: Settings, redis_url: str, *, loops: tuple[str,
     try:
         yield stack
     finally:
-        for task in stack.tasks.values():
+        try:
+            await stop_tasks(stack.tasks)
+        finally:
+            await client.aclose()
+
+
+async def stop_tasks(tasks: Mapping[str, asyncio.Task[Any]], *, wait_s: float = 10.0, attempts: int = 3) -> None:
+    """Cancel the loops and wait for them, cancelling again like an escalating operator (Prefect sends
+    SIGTERM, then kills after its grace period). A loop that still runs after that is named, not waited
+    for forever: swallowing a cancellation is a bug to see."""
+    pending = {task: name for name, task in tasks.items() if not task.done()}
+    for _ in range(attempts):
+        if not pending:
+            break
+        for task in pending:
             task.cancel()
-        for task in stack.tasks.values():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        await client.aclose()
+        done, _still = await asyncio.wait(pending, timeout=wait_s)
+        for task in done:
+            pending.pop(task)
+    for task in tasks.values():
+        if task.done() and not task.cancelled():
+            with contextlib.suppress(Exception):
+                task.result()  # consumed: a loop's own failure was already reported by the test's waits
+    assert not pending, f"loops ignored {attempts} cancellations: {sorted(pending.values())}"
