@@ -65,7 +65,8 @@ NO_LIVE_BOOK = "no live book"
 _FILL_NAMESPACE = uuid.UUID("0b8f5c2e-7d1a-4e8b-9c3f-5a6d2e1f4b70")
 _ENGINE_HISTORY = 1000  # closed orders kept per account and market (the mirror churns level orders)
 _FRAME_SIDES: tuple[tuple[str, Side], ...] = (("bids", "buy"), ("asks", "sell"))
-_RESNAPSHOT_S = 0.5  # how often books that are not live are asked for again
+_RESNAPSHOT_S = 0.5
+CLOSE_WAIT_S = 5.0  # how often books that are not live are asked for again
 _LIVE_STATUSES = frozenset({"new", "partiallyFilled", "awaitingTrigger", "filled", "canceled"})
 
 
@@ -256,8 +257,12 @@ class PaperVenue:
             await self._ws.close()
         for task in self._tasks:
             task.cancel()
-        # gather, not suppress(CancelledError): a cancel of close() itself must still propagate.
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            # Bounded: a task that ignores its cancel must not keep the executor's segment from ending.
+            # (asyncio.wait, not suppress(CancelledError): a cancel of close() itself still propagates.)
+            _done, stuck = await asyncio.wait(self._tasks, timeout=CLOSE_WAIT_S)
+            for task in stuck:
+                log.error("paper venue: background task %s did not stop when cancelled", task.get_name())
         self.books.reset_all()
 
     # -- state for metrics and tests ----------------------------------------------------------
