@@ -48,7 +48,8 @@ ORDERS_EXECUTED = "orders:executed"
 TRADING_EVENTS = "trading:events"
 KEY_KILL = "trading:kill"
 KEY_KILL_DRILL = "trading:kill:drill"  # set while a preflight drill holds the switch; an operator flip clears it
-KEY_PNL = "trading:pnl"
+KEY_PNL_PAPER = "trading:pnl:paper"  # the paper ledger (dry-run fills); docs/pnl.md
+KEY_PNL_LIVE = "trading:pnl:live"  # the live ledger (exchange fills): paper and live never share a book
 KEY_UNIVERSE = "trading:universe"
 KEY_TRADING_STATE = "trading:state"  # string: active (default when unset) / reduce-only / halted
 KEY_GOLIVE = "trading:golive"  # hash: the latest go-live decision (trading/golive.py)
@@ -56,6 +57,11 @@ KEY_OPEN_INTENTS = "trading:intents:open"  # hash intent_id -> market: sent by t
 KEY_INFLIGHT = "orders:inflight"  # hash intent_id -> JSON: live orders recorded before they are sent
 KEY_LIVE_OPEN = "orders:live:open"  # hash intent_id -> JSON: live orders sent, reported, still followed
 KEY_OPEN_GAPS = "bitvavo:gaps:open"  # hash market -> JSON {kind, since_ms}: a book being resynced
+
+
+def pnl_key(dry_run: bool) -> str:
+    """The ledger hash of a mode: paper fills and live fills are two books, never one."""
+    return KEY_PNL_PAPER if dry_run else KEY_PNL_LIVE
 
 
 def stream_candles(interval: str) -> str:
