@@ -1,16 +1,19 @@
-"""The PnL ledger: fills in, positions and PnL out, by average cost and by FIFO side by side.
+"""The PnL ledgers: fills in, positions and PnL out, by average cost and by FIFO side by side.
 
 Pure (no I/O): `Ledger.apply(report)` books the NEW fills of one execution report, skipping any
 `fill_id` it has booked before; `Ledger.mark(market, mid)` sets the price unrealised PnL and
-exposure are valued at; `Ledger.snapshot(now_ms)` is the `trading:pnl` hash (decimals as strings).
+exposure are valued at; `Ledger.snapshot(now_ms)` is the ledger's hash (decimals as strings).
+`Ledgers` holds two of them, one per mode: paper fills (`dry_run`) and live fills are two books
+that never share a position (`trading:pnl:paper`, `trading:pnl:live`).
 
 Conventions (docs/pnl.md):
-- Positions are signed base amounts; a sell beyond the position opens a short, a buy beyond a
-  short opens a long. Every market is quoted in EUR (other quotes are refused: no EUR rate).
-- Average cost: adding to a position moves its average entry price; reducing it realises
-  (price - average) x amount (mirrored for shorts) and keeps the average; a position through
-  zero restarts at the fill price. FIFO: the position is a queue of lots; a reduction closes
-  the oldest lots first. Both realised figures are GROSS of fees.
+- Spot only: a position is a base amount >= 0. A sell larger than the position books only
+  what was held (realising it to zero); the rest is an `Anomaly` (the account sold coins the
+  bot never bought), recorded with the fill and never booked as a short. The fill's fee counts
+  in full: it was paid. Every market is quoted in EUR (other quotes are refused: no EUR rate).
+- Average cost: a buy moves the average entry price; a sell realises (price - average) x
+  amount and keeps the average. FIFO: the position is a queue of lots; a sell closes the
+  oldest lots first. Both realised figures are GROSS of fees.
 - Fees are EUR: a fee in EUR counts as is; a fee in the base currency is base the account gives
   up, so it is booked as a disposal of that amount at the fill price (the position shrinks,
   realising against the cost basis like any sale) and its EUR value, fee x fill price, counts
@@ -34,6 +37,13 @@ from trading.orders import ExecutionReport
 QUOTE_CURRENCY = "EUR"
 MARK_MID = "mid"
 MARK_LAST_FILL = "last_fill"
+PAPER = "paper"
+LIVE = "live"
+MODES = (PAPER, LIVE)
+
+
+def mode_of(dry_run: bool) -> str:
+    return PAPER if dry_run else LIVE
 
 
 class LedgerError(ValueError):
@@ -53,6 +63,21 @@ class BookedFill:
     base_fee: Decimal  # base amount paid as fee (negative: a rebate received in base)
 
 
+@dataclass(frozen=True)
+class Anomaly:
+    """Base the fill sold beyond the position: not booked (spot: the bot cannot be short)."""
+
+    fill_id: str
+    market: str
+    ts: int
+    unbooked: Decimal  # base amount sold that the ledger did not hold
+    price: Decimal
+
+    def to_json(self) -> dict[str, str | int]:
+        return {"fill_id": self.fill_id, "market": self.market, "ts": self.ts,
+                "unbooked": format_decimal(self.unbooked), "price": format_decimal(self.price)}
+
+
 @dataclass(slots=True)
 class Lot:
     amount: Decimal  # unsigned; the side is the sign of the market's position
@@ -61,63 +86,49 @@ class Lot:
 
 @dataclass
 class MarketAccount:
-    """One market's position under both methods. Invariant: sum of lot amounts == |position|."""
+    """One market's long position under both methods. Invariant: sum of lot amounts == position >= 0."""
 
     position: Decimal = ZERO
     avg_cost: Decimal = ZERO  # average entry price of the open position; 0 when flat
     realized: Decimal = ZERO  # average cost, gross of fees
     realized_fifo: Decimal = ZERO
     fees: Decimal = ZERO  # EUR
+    unbooked: Decimal = ZERO  # base sold beyond the position (anomalies), never booked
     lots: deque[Lot] = field(default_factory=deque)
     last_price: Decimal = ZERO  # of the latest fill: the stand-in mark
 
-    def trade(self, amount: Decimal, price: Decimal) -> Decimal:
-        """Book a signed `amount` at `price`; returns the average-cost PnL it realised."""
-        realized = self._trade_average(amount, price)
-        self.realized += realized
-        self.realized_fifo += self._trade_fifo(amount, price)
-        return realized
-
-    def _trade_average(self, amount: Decimal, price: Decimal) -> Decimal:
-        before = self.position
-        after = before + amount
+    def buy(self, amount: Decimal, price: Decimal) -> None:
+        after = self.position + amount
+        self.avg_cost = (self.position * self.avg_cost + amount * price) / after
         self.position = after
-        if before == 0 or (before > 0) == (amount > 0):  # opening or adding
-            self.avg_cost = (abs(before) * self.avg_cost + abs(amount) * price) / abs(after)
-            return ZERO
-        closed = min(abs(amount), abs(before))
-        realized = closed * (price - self.avg_cost) * (1 if before > 0 else -1)
-        if after == 0:
-            self.avg_cost = ZERO
-        elif (after > 0) != (before > 0):  # through zero: the rest is a new position at this price
-            self.avg_cost = price
-        return realized
+        self.lots.append(Lot(amount, price))
 
-    def _trade_fifo(self, amount: Decimal, price: Decimal) -> Decimal:
-        # Lots hold the position before this trade, so their side is the sign of (position - amount).
-        long_before = self.position - amount > 0
-        remaining = abs(amount)
-        realized = ZERO
-        if self.lots and long_before != (amount > 0):  # a reduction: close the oldest lots first
-            direction = 1 if long_before else -1
-            while remaining and self.lots:
-                lot = self.lots[0]
-                closed = min(remaining, lot.amount)
-                realized += closed * (price - lot.price) * direction
-                lot.amount -= closed
-                remaining -= closed
-                if lot.amount == 0:
-                    self.lots.popleft()
-        if remaining:
-            self.lots.append(Lot(remaining, price))
-        return realized
+    def sell(self, amount: Decimal, price: Decimal) -> tuple[Decimal, Decimal]:
+        """Sell up to the position; returns (average-cost PnL realised, base sold beyond the position)."""
+        sold = min(amount, self.position)
+        realized = sold * (price - self.avg_cost)
+        self.realized += realized
+        self.position -= sold
+        if self.position == 0:
+            self.avg_cost = ZERO
+        remaining = sold
+        while remaining:  # FIFO: close the oldest lots first
+            lot = self.lots[0]
+            closed = min(remaining, lot.amount)
+            self.realized_fifo += closed * (price - lot.price)
+            lot.amount -= closed
+            remaining -= closed
+            if lot.amount == 0:
+                self.lots.popleft()
+        excess = amount - sold
+        self.unbooked += excess
+        return realized, excess
 
     def unrealized(self, mark: Decimal) -> Decimal:
         return self.position * (mark - self.avg_cost)
 
     def unrealized_fifo(self, mark: Decimal) -> Decimal:
-        direction = 1 if self.position > 0 else -1
-        return sum((lot.amount * (mark - lot.price) * direction for lot in self.lots), ZERO)
+        return sum((lot.amount * (mark - lot.price) for lot in self.lots), ZERO)
 
 
 @dataclass
@@ -130,6 +141,7 @@ class DayTotals:
 class ApplyOutcome:
     applied: int
     duplicates: int
+    anomalies: tuple[Anomaly, ...] = ()
 
 
 @dataclass
@@ -140,6 +152,7 @@ class Ledger:
     accounts: dict[str, MarketAccount] = field(default_factory=dict)
     days: dict[str, DayTotals] = field(default_factory=dict)  # UTC day (YYYY-MM-DD) of the fill
     fill_ids: set[str] = field(default_factory=set)
+    anomalies: list[Anomaly] = field(default_factory=list)
     marks: dict[str, Decimal] = field(default_factory=dict, compare=False)
     duplicates_skipped: int = field(default=0, compare=False)
 
@@ -147,26 +160,38 @@ class Ledger:
         """Book the report's fills not booked before; `LedgerError` (nothing booked) when one is invalid."""
         fills = booked_fills(report)
         applied = duplicates = 0
+        anomalies: list[Anomaly] = []
         for fill in fills:
             if fill.fill_id in self.fill_ids:
                 duplicates += 1
                 continue
-            self._book(fill)
+            if (anomaly := self._book(fill)) is not None:
+                anomalies.append(anomaly)
             applied += 1
         self.duplicates_skipped += duplicates
-        return ApplyOutcome(applied, duplicates)
+        self.anomalies.extend(anomalies)
+        return ApplyOutcome(applied, duplicates, tuple(anomalies))
 
-    def _book(self, fill: BookedFill) -> None:
+    def _book(self, fill: BookedFill) -> Anomaly | None:
         self.fill_ids.add(fill.fill_id)
         account = self.accounts.setdefault(fill.market, MarketAccount())
-        realized = account.trade(fill.amount, fill.price)
-        if fill.base_fee:
-            realized += account.trade(-fill.base_fee, fill.price)
+        realized = excess = ZERO
+        # A base-currency fee is a disposal of base (a rebate, an acquisition) at the fill price.
+        for amount in (fill.amount, -fill.base_fee):
+            if amount > 0:
+                account.buy(amount, fill.price)
+            elif amount < 0:
+                gained, beyond = account.sell(-amount, fill.price)
+                realized += gained
+                excess += beyond
         account.fees += fill.fee_eur
         account.last_price = fill.price
         day = self.days.setdefault(utc_day(fill.ts).isoformat(), DayTotals())
         day.realized += realized
         day.fees += fill.fee_eur
+        if excess:
+            return Anomaly(fill.fill_id, fill.market, fill.ts, excess, fill.price)
+        return None
 
     def mark(self, market: str, mid: Decimal) -> None:
         if not mid.is_finite() or mid <= 0:
@@ -178,7 +203,7 @@ class Ledger:
         return len(self.fill_ids)
 
     def snapshot(self, now_ms: int) -> dict[str, str]:
-        """The `trading:pnl` hash: totals, then `<market>:<field>` per market, every number a decimal string."""
+        """The ledger's hash (`trading:pnl:<mode>`): totals, then `<market>:<field>` per market, decimals as text."""
         totals = dict.fromkeys(("realized", "realized_fifo", "fees", "unrealized", "unrealized_fifo", "exposure"),
                                ZERO)
         per_market: dict[str, str] = {}
@@ -191,7 +216,8 @@ class Ledger:
             values = {"position": account.position, "avg_cost": account.avg_cost, "realized": account.realized,
                       "realized_fifo": account.realized_fifo, "fees": account.fees,
                       "unrealized": account.unrealized(mark), "unrealized_fifo": account.unrealized_fifo(mark),
-                      "exposure": abs(account.position) * mark, "mark": mark}
+                      "exposure": account.position * mark, "mark": mark,
+                      "unbooked": account.unbooked}
             for name in totals:
                 totals[name] += values[name]
             per_market.update({f"{market}:{name}": format_decimal(value) for name, value in values.items()})
@@ -201,9 +227,26 @@ class Ledger:
         out = {name: format_decimal(value) for name, value in totals.items()}
         out.update(equity=format_decimal(totals["realized"] - totals["fees"] + totals["unrealized"]),
                    realized_today=format_decimal(today.realized - today.fees), day=day, updated_ts=str(now_ms),
-                   fills=str(self.fills_applied))
+                   fills=str(self.fills_applied), anomalies=str(len(self.anomalies)))
         out.update(per_market)
         return out
+
+
+@dataclass
+class Ledgers:
+    """The paper ledger and the live ledger: each report is booked in the ledger of its mode."""
+
+    paper: Ledger = field(default_factory=Ledger)
+    live: Ledger = field(default_factory=Ledger)
+
+    def of(self, dry_run: bool) -> Ledger:
+        return self.paper if dry_run else self.live
+
+    def by_mode(self) -> dict[str, Ledger]:
+        return {PAPER: self.paper, LIVE: self.live}
+
+    def apply(self, report: ExecutionReport) -> ApplyOutcome:
+        return self.of(report.dry_run).apply(report)
 
 
 def booked_fills(report: ExecutionReport) -> list[BookedFill]:

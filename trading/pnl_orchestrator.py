@@ -1,20 +1,29 @@
-"""The PnL loop: `orders:executed` -> the ledger (trading/pnl.py) -> `trading:pnl`, the lake, metrics.
+"""The PnL loop: `orders:executed` -> two ledgers (trading/pnl.py) -> `trading:pnl:<mode>`, the lake, metrics.
 
-- The ledger is a function of `orders:executed`: at start it is rebuilt by replaying the whole
-  stream (`rebuild_from_stream`), so the set of booked `fill_id`s survives any restart; then
-  the consumer group `pnl` (created at "0") delivers what is pending or new. An entry the
+- Paper and live are two books: a report with `dry_run` true is booked in the paper ledger
+  (`trading:pnl:paper`), any other in the live ledger (`trading:pnl:live`); the guards of a
+  mode read only that mode's hash. Both hashes are written even when a mode never traded, so
+  each has a fresh `updated_ts` heartbeat.
+- The ledgers are a function of `orders:executed`: at start they are rebuilt by replaying the
+  whole stream (`rebuild_from_stream`), so the set of booked `fill_id`s survives any restart;
+  then the consumer group `pnl` (created at "0") delivers what is pending or new. An entry the
   replay already covered books nothing (its fills are known) and is only acknowledged; a bad
   one still goes to `orders:executed:dead`. A fill repeated in a later report is skipped.
-- Each new entry's fills and the whole `trading:pnl` hash (DEL + HSET) are written in the
-  entry's own MULTI/EXEC with its XACK. Bad input (missing field, not a decimal, a market that
-  is not an EUR market, a fill with a non-positive amount) is a `RejectEntry`: dead-lettered
-  with the reason, and the loop goes on.
+- Each new entry's fills and the whole hash of its mode (DEL + HSET) are written in the
+  entry's own MULTI/EXEC with its XACK. A final report also clears its intent from
+  `trading:intents:open` in that transaction: the trading core counts an open sell against the
+  inventory until its fills are in the ledger, never in between. A sell fill beyond the
+  position books only what was held; the rest is a `ledger_anomaly` event (critical) and
+  `trader_pnl_anomalies` counts it. Bad input (missing field, not a decimal, a market that is
+  not an EUR market, a fill with a non-positive amount) is a `RejectEntry`: dead-lettered with
+  the reason, and the loop goes on.
 - Marks: every `mark_every_s` the newest top of book of each market held is read from
   `bitvavo:book` (newest first, XREVRANGE, stopping as soon as every market is found, so the
   cost does not grow with the book's update rate) and the hash is rewritten, which also makes
   `updated_ts` a heartbeat. A market without a book entry is marked at its last fill price.
-- A snapshot row goes to the lake channel `pnl` every `snapshot_every_s` and at stop.
-- `rebuild_from_stream` / `rebuild_from_lake` give the ledger the live loop holds (docs/pnl.md);
+- A snapshot row per mode (column `mode`) goes to the lake channel `pnl` every
+  `snapshot_every_s` and at stop.
+- `rebuild_from_stream` / `rebuild_from_lake` give the ledgers the live loop holds (docs/pnl.md);
   `python -m trading.pnl_orchestrator rebuild` runs them by hand.
 """
 
@@ -41,7 +50,7 @@ from redis.exceptions import RedisError
 from trading.backoff import Backoff
 from trading.bus import (
     BOOK_SCHEMA,
-    KEY_PNL,
+    KEY_OPEN_INTENTS,
     ORDERS_EXECUTED,
     STREAM_BOOK,
     EntryDecodeError,
@@ -49,17 +58,19 @@ from trading.bus import (
     as_text,
     decode_entry,
     encode_entry,
+    pnl_key,
 )
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.consumer import ConsumerMetrics, GroupConsumer, RejectEntry, StreamEntry
+from trading.events import Severity, queue_event
 from trading.lake import LakeWriteError, LakeWriter, TornTail, channel_files, read_jsonl, utc_day
 from trading.lease import Lease, LeaseLostError
 from trading.log_sampling import worth_logging
 from trading.loop import every, run_guarded
 from trading.metrics import LabelCache, MetricsEndpoint
 from trading.orders import ExecutionReport, IntentError
-from trading.pnl import MARK_LAST_FILL, ApplyOutcome, Ledger, LedgerError
+from trading.pnl import MARK_LAST_FILL, MODES, Anomaly, ApplyOutcome, LedgerError, Ledgers, mode_of
 from trading.redis_conn import async_client, redis_url
 
 log = logging.getLogger(__name__)
@@ -70,8 +81,8 @@ EXECUTED_LAKE_CHANNEL = "orders/executed"
 DEFAULT_METRICS_PORT = 9604
 _REDIS_DOWN = (RedisError, OSError)
 # Fields that do not depend on marks: what a rebuild must reproduce exactly.
-_LEDGER_TOTALS = ("realized", "realized_fifo", "fees", "realized_today", "fills")
-_LEDGER_MARKET_FIELDS = ("position", "avg_cost", "realized", "realized_fifo", "fees")
+_LEDGER_TOTALS = ("realized", "realized_fifo", "fees", "realized_today", "fills", "anomalies")
+_LEDGER_MARKET_FIELDS = ("position", "avg_cost", "realized", "realized_fifo", "fees", "unbooked")
 
 
 def parse_report(fields: Mapping[Any, Any]) -> ExecutionReport:
@@ -92,9 +103,9 @@ def _id_key(entry_id: str) -> tuple[int, int]:
 
 @dataclass
 class Replay:
-    """A ledger rebuilt from recorded reports, and what the replay saw."""
+    """The two ledgers rebuilt from recorded reports, and what the replay saw."""
 
-    ledger: Ledger = field(default_factory=Ledger)
+    ledgers: Ledgers = field(default_factory=Ledgers)
     entries: int = 0
     rejected: int = 0  # entries the live loop dead-letters; skipped here the same way
     last_id: str | None = None  # stream replays: the newest entry covered
@@ -102,7 +113,7 @@ class Replay:
     def feed(self, fields: Mapping[Any, Any], source: str) -> None:
         self.entries += 1
         try:
-            self.ledger.apply(parse_report(fields))
+            self.ledgers.apply(parse_report(fields))
         except LedgerError as exc:
             self.rejected += 1
             if worth_logging(self.rejected):
@@ -111,7 +122,7 @@ class Replay:
 
 async def rebuild_from_stream(client: redis.asyncio.Redis, *, stream: str = ORDERS_EXECUTED,
                               page: int = 1000) -> Replay:
-    """The ledger of every report in `stream`, oldest first."""
+    """The ledgers of every report in `stream`, oldest first."""
     replay = Replay()
     lower = "-"
     while True:
@@ -126,7 +137,7 @@ async def rebuild_from_stream(client: redis.asyncio.Redis, *, stream: str = ORDE
 
 
 def rebuild_from_lake(parquet_dir: Path, days: Iterable[date]) -> Replay:
-    """The ledger of the reports the executor recorded in the lake (`orders/executed`) on `days`, in order."""
+    """The ledgers of the reports the executor recorded in the lake (`orders/executed`) on `days`, in order."""
     replay = Replay()
 
     def torn(tail: TornTail) -> None:  # a writer crashed or is writing now: never half-parse a line
@@ -147,7 +158,7 @@ def rebuild_from_lake(parquet_dir: Path, days: Iterable[date]) -> Replay:
 
 
 def ledger_fields(snapshot: Mapping[str, str]) -> dict[str, str]:
-    """The mark-independent part of a `trading:pnl` snapshot: what a rebuild reproduces exactly."""
+    """The mark-independent part of a ledger snapshot: what a rebuild reproduces exactly."""
     def wanted(key: str) -> bool:
         market, _, name = key.rpartition(":")
         return name in _LEDGER_MARKET_FIELDS if market else name in _LEDGER_TOTALS
@@ -220,56 +231,61 @@ class BookMarks:
 
 
 class PnlMetrics:
-    """The `trader_pnl_*` families (docs/pnl.md)."""
+    """The `trader_pnl_*` families (docs/pnl.md); every ledger figure is labelled by `mode` (paper, live)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry or CollectorRegistry()
         self.consumer = ConsumerMetrics("trader_pnl", r)
-        self.totals = {name: Gauge(f"trader_pnl_{name}_eur", help_text, registry=r) for name, help_text in (
+        self.totals = {name: LabelCache(Gauge(f"trader_pnl_{name}_eur", help_text, ["mode"], registry=r))
+                       for name, help_text in (
             ("realized", "Realised PnL, average cost, gross of fees"),
             ("realized_fifo", "Realised PnL, FIFO, gross of fees"),
             ("unrealized", "Unrealised PnL at the marks, average cost"),
             ("fees", "Fees paid (rebates deducted)"),
             ("equity", "realized - fees + unrealized"),
             ("realized_today", "realized - fees of today's fills (UTC day)"),
-            ("exposure", "Sum over markets of |position| x mark"))}
-        self.market_exposure = LabelCache(Gauge("trader_pnl_market_exposure_eur", "|position| x mark", ["market"],
-                                                registry=r))
-        self.position = LabelCache(Gauge("trader_pnl_position", "Signed position (base amount)", ["market"],
-                                         registry=r))
+            ("exposure", "Sum over markets of position x mark"))}
+        self.market_exposure = LabelCache(Gauge("trader_pnl_market_exposure_eur", "position x mark",
+                                                ["mode", "market"], registry=r))
+        self.position = LabelCache(Gauge("trader_pnl_position", "Position (base amount, never below zero)",
+                                         ["mode", "market"], registry=r))
         self.mark_from_fill = LabelCache(Gauge("trader_pnl_mark_from_last_fill",
                                                "1 while the market has no book mark and is valued at its last fill",
-                                               ["market"], registry=r))
-        self.fills_applied = Counter("trader_pnl_fills_applied", "Fills booked from new reports", registry=r)
+                                               ["mode", "market"], registry=r))
+        self.fills_applied = LabelCache(Counter("trader_pnl_fills_applied", "Fills booked from new reports",
+                                                ["mode"], registry=r))
         self.duplicates = Counter("trader_pnl_duplicate_fills", "Fills skipped: fill_id booked before",
                                   registry=r)
-        self.ledger_fills = Gauge("trader_pnl_ledger_fills", "Fills in the ledger, replayed ones included",
-                                  registry=r)
+        self.anomalies = LabelCache(Counter("trader_pnl_anomalies",
+                                            "Sell fills beyond the position (base the bot did not hold), not booked",
+                                            ["mode", "market"], registry=r))
+        self.ledger_fills = LabelCache(Gauge("trader_pnl_ledger_fills", "Fills in the ledger, replayed ones included",
+                                             ["mode"], registry=r))
         self.replayed = Counter("trader_pnl_replayed_entries", "Reports replayed from the stream at start",
                                 registry=r)
-        self.last_update_age = Gauge("trader_pnl_last_update_age_seconds", "Seconds since trading:pnl was written",
-                                     registry=r)
+        self.last_update_age = Gauge("trader_pnl_last_update_age_seconds",
+                                     "Seconds since the ledger hashes were written", registry=r)
         self.snapshots = Counter("trader_pnl_snapshots", "Snapshot rows written to the lake", registry=r)
         self.snapshot_errors = Counter("trader_pnl_snapshot_errors", "Lake snapshot writes that failed",
                                        registry=r)
         self.bad_book_entries = Counter("trader_pnl_bad_book_entries", "Book entries unusable as a mark",
                                         registry=r)
 
-    def show(self, snapshot: Mapping[str, str], markets: Iterable[str]) -> None:
+    def show(self, mode: str, snapshot: Mapping[str, str], markets: Iterable[str]) -> None:
         for name, gauge in self.totals.items():
-            gauge.set(float(Decimal(snapshot[name])))
+            gauge(mode).set(float(Decimal(snapshot[name])))
         for market in markets:
-            self.market_exposure(market).set(float(Decimal(snapshot[f"{market}:exposure"])))
-            self.position(market).set(float(Decimal(snapshot[f"{market}:position"])))
-            self.mark_from_fill(market).set(1 if snapshot[f"{market}:mark_source"] == MARK_LAST_FILL else 0)
-        self.ledger_fills.set(int(snapshot["fills"]))
+            self.market_exposure(mode, market).set(float(Decimal(snapshot[f"{market}:exposure"])))
+            self.position(mode, market).set(float(Decimal(snapshot[f"{market}:position"])))
+            self.mark_from_fill(mode, market).set(1 if snapshot[f"{market}:mark_source"] == MARK_LAST_FILL else 0)
+        self.ledger_fills(mode).set(int(snapshot["fills"]))
 
 
 # -- the loop -----------------------------------------------------------------------------------
 
 
 class PnlLoop:
-    """The ledger and everything that writes it out; one per run."""
+    """The two ledgers and everything that writes them out; one per run."""
 
     def __init__(self, client: redis.asyncio.Redis, consumer: GroupConsumer, metrics: PnlMetrics,
                  lake: LakeWriter, marks: BookMarks) -> None:
@@ -278,21 +294,22 @@ class PnlLoop:
         self.metrics = metrics
         self.lake = lake
         self.marks = marks
-        self.ledger = Ledger()
+        self.ledgers = Ledgers()
         self.ready = asyncio.Event()
         self.replayed = Replay()
         self.fills_applied = 0
         self.duplicates = 0
+        self.anomalies = 0
         self.last_write_ms = 0
         self._bad_marks_seen = 0
-        self._last_entry: tuple[str, ApplyOutcome] | None = None
+        self._last_entry: tuple[str, ExecutionReport, ApplyOutcome] | None = None
         metrics.last_update_age.set_function(self._update_age_s)
 
     def _update_age_s(self) -> float:
         return (now_ms() - self.last_write_ms) / 1000 if self.last_write_ms else 0.0
 
     async def start(self) -> None:
-        """Rebuild the ledger from the stream (retrying while Redis is down), mark it, publish it."""
+        """Rebuild the ledgers from the stream (retrying while Redis is down), mark them, publish them."""
         backoff = Backoff(base_s=0.1, cap_s=5.0)
         failures = 0
         while True:
@@ -304,11 +321,11 @@ class PnlLoop:
                 if worth_logging(failures):
                     log.warning("pnl: replay of %s failed (%s); retrying", self.consumer.stream, exc)
                 await asyncio.sleep(backoff.next_delay())
-        self.ledger = self.replayed.ledger
+        self.ledgers = self.replayed.ledgers
         self.metrics.replayed.inc(self.replayed.entries)
-        log.info("pnl: ledger rebuilt from %d reports of %s (%d fills, %d rejected, up to %s)",
-                 self.replayed.entries, self.consumer.stream, self.ledger.fills_applied, self.replayed.rejected,
-                 self.replayed.last_id)
+        log.info("pnl: ledgers rebuilt from %d reports of %s (paper %d fills, live %d fills, %d rejected, up to %s)",
+                 self.replayed.entries, self.consumer.stream, self.ledgers.paper.fills_applied,
+                 self.ledgers.live.fills_applied, self.replayed.rejected, self.replayed.last_id)
         with contextlib.suppress(*_REDIS_DOWN):  # the mark loop retries both
             await self.refresh_marks()
             await self.publish()
@@ -321,40 +338,64 @@ class PnlLoop:
     async def handle(self, entry: StreamEntry, tx: Pipeline) -> None:
         # A retry of the same entry (its transaction failed) reuses the booking: fills count once.
         if self._last_entry is not None and self._last_entry[0] == entry.entry_id:
-            outcome = self._last_entry[1]
+            _, report, outcome = self._last_entry
         else:
             try:
-                outcome = self.ledger.apply(parse_report(entry.fields))
+                report = parse_report(entry.fields)
+                outcome = self.ledgers.apply(report)
             except LedgerError as exc:
                 raise RejectEntry(str(exc)) from None
-            self._last_entry = (entry.entry_id, outcome)
+            self._last_entry = (entry.entry_id, report, outcome)
             if not self._replayed(entry.entry_id):
+                mode = mode_of(report.dry_run)
                 self.fills_applied += outcome.applied
                 self.duplicates += outcome.duplicates
-                self.metrics.fills_applied.inc(outcome.applied)
+                self.anomalies += len(outcome.anomalies)
+                self.metrics.fills_applied(mode).inc(outcome.applied)
                 self.metrics.duplicates.inc(outcome.duplicates)
+                for anomaly in outcome.anomalies:
+                    self.metrics.anomalies(mode, anomaly.market).inc()
                 if outcome.duplicates:
                     self.consumer.skip_duplicate()
-        if outcome.applied and not self._replayed(entry.entry_id):
-            self._queue_hash(tx)
+        if report.final:  # its fills are in the ledger in this same transaction: the core may count them now
+            tx.hdel(KEY_OPEN_INTENTS, report.intent_id)
+        mode = mode_of(report.dry_run)
+        if self._replayed(entry.entry_id):
+            # Booked by the start-up replay but never acknowledged: its anomaly events were not written either
+            # (they go in the ack's transaction), so they are written now, once.
+            fill_ids = {fill.fill_id for fill in report.fills}
+            for anomaly in self.ledgers.of(report.dry_run).anomalies:
+                if anomaly.fill_id in fill_ids:
+                    _queue_anomaly(tx, mode, report.intent_id, anomaly)
+            return
+        for anomaly in outcome.anomalies:
+            _queue_anomaly(tx, mode, report.intent_id, anomaly)
+        if outcome.applied:
+            self._queue_hash(tx, report.dry_run)
 
-    def _queue_hash(self, tx: Any) -> None:
+    def _queue_hash(self, tx: Any, dry_run: bool) -> None:
         now = now_ms()
-        snapshot = self.ledger.snapshot(now)
-        tx.delete(KEY_PNL)
-        tx.hset(KEY_PNL, mapping=snapshot)
+        ledger = self.ledgers.of(dry_run)
+        snapshot = ledger.snapshot(now)
+        key = pnl_key(dry_run)
+        tx.delete(key)
+        tx.hset(key, mapping=snapshot)
         self.last_write_ms = now
-        self.metrics.show(snapshot, self.ledger.accounts)
+        self.metrics.show(mode_of(dry_run), snapshot, ledger.accounts)
 
     async def publish(self) -> None:
-        """Write the whole hash now (one MULTI/EXEC)."""
+        """Write both hashes now (one MULTI/EXEC)."""
         async with self.client.pipeline(transaction=True) as tx:
-            self._queue_hash(tx)
+            for dry_run in (True, False):
+                self._queue_hash(tx, dry_run)
             await tx.execute()
 
     async def refresh_marks(self) -> None:
-        for market, mid in (await self.marks.poll(self.ledger.accounts)).items():
-            self.ledger.mark(market, mid)
+        paper, live = self.ledgers.paper, self.ledgers.live
+        for market, mid in (await self.marks.poll(set(paper.accounts) | set(live.accounts))).items():
+            for ledger in (paper, live):
+                if market in ledger.accounts:
+                    ledger.mark(market, mid)
         if self.marks.bad_entries != self._bad_marks_seen:
             self.metrics.bad_book_entries.inc(self.marks.bad_entries - self._bad_marks_seen)
             self._bad_marks_seen = self.marks.bad_entries
@@ -365,13 +406,14 @@ class PnlLoop:
 
     def snapshot_to_lake(self) -> None:
         now = now_ms()
+        rows = [{"ts": now, "mode": mode, **ledger.snapshot(now)} for mode, ledger in self.ledgers.by_mode().items()]
         try:
-            self.lake.write_batch([{"ts": now, **self.ledger.snapshot(now)}])
-        except LakeWriteError as exc:  # the lake copy is secondary: trading:pnl stays current
+            self.lake.write_batch(rows)
+        except LakeWriteError as exc:  # the lake copy is secondary: the hashes stay current
             self.metrics.snapshot_errors.inc()
             log.warning("pnl: snapshot to the lake failed: %s", exc)
             return
-        self.metrics.snapshots.inc()
+        self.metrics.snapshots.inc(len(rows))
 
     async def run_marks(self, interval_s: float) -> None:
         await self.ready.wait()
@@ -391,9 +433,18 @@ class PnlLoop:
         stats = self.consumer.stats
         return {"replayed_entries": self.replayed.entries, "replay_rejected": self.replayed.rejected,
                 "fills_applied": self.fills_applied, "duplicate_fills": self.duplicates,
-                "ledger_fills": self.ledger.fills_applied, "consumed": stats.consumed,
-                "dead_lettered": stats.dead_lettered, "reclaimed": stats.reclaimed,
-                "snapshots": self.lake.stats.rows_written, "markets": sorted(self.ledger.accounts)}
+                "anomalies": self.anomalies,
+                "ledger_fills": {mode: ledger.fills_applied for mode, ledger in self.ledgers.by_mode().items()},
+                "consumed": stats.consumed, "dead_lettered": stats.dead_lettered, "reclaimed": stats.reclaimed,
+                "snapshots": self.lake.stats.rows_written,
+                "markets": {mode: sorted(ledger.accounts) for mode, ledger in self.ledgers.by_mode().items()}}
+
+
+def _queue_anomaly(tx: Any, mode: str, intent_id: str, anomaly: Anomaly) -> None:
+    queue_event(tx, "ledger_anomaly", Severity.CRITICAL, market=anomaly.market, intent_id=intent_id,
+                detail={"mode": mode, **anomaly.to_json(),
+                        "reason": f"a {mode} sell filled beyond the {mode} ledger's position: the excess is not "
+                                  f"booked (spot: the bot cannot be short); see docs/pnl.md"}, ts=anomaly.ts)
 
 
 async def run_pnl(settings: Settings, *, redis_url: str, duration_s: float | None = None,
@@ -438,7 +489,8 @@ async def run_pnl(settings: Settings, *, redis_url: str, duration_s: float | Non
             await client.aclose()
     summary = loop.summary()
     summary.update(fencing_token=held.fencing_token, metrics_url=endpoint.url,
-                   pnl={key: value for key, value in loop.ledger.snapshot(now_ms()).items() if ":" not in key})
+                   pnl={mode: {key: value for key, value in ledger.snapshot(now_ms()).items() if ":" not in key}
+                        for mode, ledger in loop.ledgers.by_mode().items()})
     log.info("pnl: stopped: %s", summary)
     return summary
 
@@ -452,7 +504,8 @@ async def _rebuild(args: argparse.Namespace) -> int:
     with redis_url(settings) as url:
         client = async_client(url)
         try:
-            live = {as_text(k): as_text(v) for k, v in (await client.hgetall(KEY_PNL)).items()}
+            held = {mode: {as_text(k): as_text(v) for k, v in (await client.hgetall(pnl_key(dry_run))).items()}
+                    for mode, dry_run in zip(MODES, (True, False), strict=True)}
             if args.source == "stream":
                 replay = await rebuild_from_stream(client)
             else:
@@ -462,30 +515,34 @@ async def _rebuild(args: argparse.Namespace) -> int:
                 replay = rebuild_from_lake(settings.parquet_dir, days)
         finally:
             await client.aclose()
-    # Snapshot time = the live hash's, so realized_today refers to the same UTC day.
-    at = int(live["updated_ts"]) if "updated_ts" in live else now_ms()
-    rebuilt = ledger_fields(replay.ledger.snapshot(at))
+    rebuilt: dict[str, dict[str, str]] = {}
+    differences: dict[str, dict[str, dict[str, str | None]]] = {}
+    for mode, ledger in replay.ledgers.by_mode().items():
+        # Snapshot time = the held hash's, so realized_today refers to the same UTC day.
+        current = held[mode]
+        at = int(current["updated_ts"]) if "updated_ts" in current else now_ms()
+        rebuilt[mode] = mine = ledger_fields(ledger.snapshot(at))
+        theirs = ledger_fields(current)
+        differences[mode] = {key: {"rebuilt": mine.get(key), "held": theirs.get(key)}
+                             for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)}
     print(json.dumps({"source": args.source, "entries": replay.entries, "rejected": replay.rejected,
-                      "ledger": rebuilt}, indent=2))
+                      "ledgers": rebuilt}, indent=2))
     if not args.compare:
         return 0
-    live_fields = ledger_fields(live)
-    differences = {key: {"rebuilt": rebuilt.get(key), "live": live_fields.get(key)}
-                   for key in sorted(set(rebuilt) | set(live_fields)) if rebuilt.get(key) != live_fields.get(key)}
     print(json.dumps({"differences": differences}, indent=2))
-    return 1 if differences else 0
+    return 1 if any(differences.values()) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trading.pnl_orchestrator",
-                                     description="Rebuild the PnL ledger from orders:executed or the lake.")
+                                     description="Rebuild the paper and live ledgers from orders:executed or the lake.")
     commands = parser.add_subparsers(dest="command", required=True)
-    rebuild = commands.add_parser("rebuild", help="rebuild the ledger and print its mark-independent fields")
+    rebuild = commands.add_parser("rebuild", help="rebuild both ledgers and print their mark-independent fields")
     rebuild.add_argument("--source", choices=("stream", "lake"), default="stream")
     rebuild.add_argument("--day", action="append", default=[], help="lake day YYYY-MM-DD (repeatable)")
     rebuild.add_argument("--days", type=int, default=1, help="lake: the last N UTC days, today included")
     rebuild.add_argument("--compare", action="store_true",
-                         help="compare with the live trading:pnl hash; exit 1 when they differ")
+                         help="compare with the trading:pnl:paper and :live hashes; exit 1 when they differ")
     args = parser.parse_args(argv)
     return asyncio.run(_rebuild(args))
 

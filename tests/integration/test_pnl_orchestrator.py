@@ -1,4 +1,5 @@
-"""The PnL loop on a real Redis: executions in, `trading:pnl` out, marks, restarts, rebuilds, bad input, metrics.
+"""The PnL loop on a real Redis: executions in, `trading:pnl:<mode>` out, marks, restarts, rebuilds, bad input,
+metrics, anomalies, and the hand-off of open intents.
 
 The fills are the hand-computed script of tests/unit/test_pnl.py, moved to yesterday and today
 (UTC) so that `realized_today` is live.
@@ -23,13 +24,23 @@ import redis.asyncio
 from prometheus_client import CollectorRegistry
 
 from tests.unit.test_pnl import EXPECTED_DAY2, SCRIPT, ms
-from trading.bus import KEY_PNL, ORDERS_EXECUTED, SCHEMA_VERSION, STREAM_BOOK, decode_entry, encode_entry
+from trading.bus import (
+    KEY_OPEN_INTENTS,
+    KEY_PNL_LIVE,
+    KEY_PNL_PAPER,
+    ORDERS_EXECUTED,
+    SCHEMA_VERSION,
+    STREAM_BOOK,
+    decode_entry,
+    encode_entry,
+)
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.consumer import ConsumerMetrics, GroupConsumer
+from trading.events import read_events
 from trading.lake import DAY_MS, LakeWriter, channel_files, read_jsonl, utc_day
 from trading.orders import ExecutionReport
-from trading.pnl import Ledger
+from trading.pnl import Ledgers
 from trading.pnl_orchestrator import ledger_fields, main, rebuild_from_lake, rebuild_from_stream, run_pnl
 from trading.processes import free_port
 from trading.redis_conn import async_client
@@ -93,8 +104,8 @@ async def stop(task: asyncio.Task[dict[str, Any]]) -> None:
 
 
 
-async def pnl(client: Any) -> dict[str, str]:
-    return dict(await client.hgetall(KEY_PNL))
+async def pnl(client: Any, key: str = KEY_PNL_PAPER) -> dict[str, str]:
+    return dict(await client.hgetall(key))
 
 
 async def test_executions_and_marks_give_the_hand_computed_pnl_and_rebuilds_agree(redis_db_url: str,
@@ -129,16 +140,19 @@ async def test_executions_and_marks_give_the_hand_computed_pnl_and_rebuilds_agre
 
         await wait_for(eth_marked)
         live = await pnl(client)
-        assert live == expected_hash(live, unrealized="350", unrealized_fifo="325", exposure="6475",
-                                     equity="217.75", **{"ETH-EUR:unrealized": "300", "ETH-EUR:unrealized_fifo": "300",
+        assert live == expected_hash(live, unrealized="375", unrealized_fifo="375", exposure="9225",
+                                     equity="17.75", **{"ETH-EUR:unrealized": "300", "ETH-EUR:unrealized_fifo": "300",
                                                          "ETH-EUR:exposure": "5100", "ETH-EUR:mark": "1700",
                                                          "ETH-EUR:mark_source": "mid"})
 
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert "trader_pnl_equity_eur 217.75" in metrics
-        assert 'trader_pnl_position{market="BTC-EUR"} -0.05' in metrics
-        assert 'trader_pnl_market_exposure_eur{market="ETH-EUR"} 5100.0' in metrics
-        assert "trader_pnl_fills_applied_total 4.0" in metrics  # the five replayed fills are not "applied"
+        assert 'trader_pnl_equity_eur{mode="paper"} 17.75' in metrics
+        assert 'trader_pnl_equity_eur{mode="live"} 0.0' in metrics  # the live book: nothing traded live
+        assert 'trader_pnl_position{market="BTC-EUR",mode="paper"} 0.15' in metrics
+        assert 'trader_pnl_market_exposure_eur{market="ETH-EUR",mode="paper"} 5100.0' in metrics
+        # the five replayed fills are not "applied"; F5 (nothing held) is an anomaly, counted when it arrived
+        assert 'trader_pnl_fills_applied_total{mode="paper"} 4.0' in metrics
+        assert 'trader_pnl_anomalies_total{market="BTC-EUR",mode="paper"} 1.0' in metrics
         assert 'trader_pnl_consumed_total{stream="orders:executed"} 8.0' in metrics
         assert "trader_pnl_last_update_age_seconds" in metrics
         assert 'trader_pnl_pending{stream="orders:executed"} 0.0' in metrics
@@ -146,13 +160,15 @@ async def test_executions_and_marks_give_the_hand_computed_pnl_and_rebuilds_agre
         await stop(task)
         executed_lake.close()
 
-    # Rebuilt from the stream, or from the lake, with the same marks: exactly the live hash.
+    # Rebuilt from the stream, or from the lake, with the same marks: exactly the held hashes.
     final = await pnl(client)
-    from_stream = (await rebuild_from_stream(client)).ledger
-    from_lake = rebuild_from_lake(tmp_path, [YESTERDAY, TODAY]).ledger
+    from_stream = (await rebuild_from_stream(client)).ledgers
+    from_lake = rebuild_from_lake(tmp_path, [YESTERDAY, TODAY]).ledgers
     assert from_stream == from_lake
-    assert from_stream.fills_applied == 9
-    for ledger in (from_stream, from_lake):
+    assert (from_stream.paper.fills_applied, from_stream.live.fills_applied) == (9, 0)
+    empty_live = await pnl(client, KEY_PNL_LIVE)
+    assert from_stream.live.snapshot(int(empty_live["updated_ts"])) == empty_live
+    for ledger in (from_stream.paper, from_lake.paper):
         ledger.mark("BTC-EUR", Decimal("27500"))
         ledger.mark("ETH-EUR", Decimal("1700"))
         assert ledger.snapshot(int(final["updated_ts"])) == final
@@ -191,14 +207,16 @@ async def test_a_crash_between_read_and_ack_counts_nothing_twice(redis_db_url: s
     live = await pnl(client)
     assert ledger_fields(live) == ledger_fields(expected_hash(live))  # marks: none, so the last fills stand in
     assert (summary["reclaimed"], summary["fills_applied"], summary["duplicate_fills"]) == (2, 2, 1)
-    assert summary["pnl"]["realized"] == "-73" and summary["pnl"]["fees"] == "59.25"
+    assert summary["pnl"]["paper"]["realized"] == "-298" and summary["pnl"]["paper"]["fees"] == "59.25"
     assert (await client.xpending(ORDERS_EXECUTED, "pnl"))["pending"] == 0
 
-    # Snapshots went to the lake while it ran and once more at stop: the last one is the final state.
+    # Snapshots (a row per mode) went to the lake while it ran and once more at stop: the last is the final state.
     rows = [row for path in channel_files(tmp_path, utc_day(now_ms()), "pnl") for row in read_jsonl(path)]
-    assert summary["snapshots"] >= 2
-    assert len(rows) == summary["snapshots"] + 1  # and the first instance's snapshot at its stop
-    assert ledger_fields(rows[-1]) == ledger_fields(live)
+    assert summary["snapshots"] >= 4
+    assert len(rows) == summary["snapshots"] + 2  # and the first instance's snapshot at its stop
+    paper_rows = [row for row in rows if row["mode"] == "paper"]
+    assert ledger_fields(paper_rows[-1]) == ledger_fields(live)
+    assert len(paper_rows) == len(rows) // 2
     await client.aclose()
 
 
@@ -246,16 +264,54 @@ def test_the_rebuild_command_compares_with_the_live_hash(redis_db_url: str, tmp_
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     client = redis.Redis.from_url(redis_db_url, decode_responses=True)
-    ledger = Ledger()
-    for report in REPORTS:
+    ledgers = Ledgers()
+    live_buy = dataclasses.replace(REPORTS[0], intent_id="live-buy", dry_run=False,
+                                   fills=(dataclasses.replace(REPORTS[0].fills[0], fill_id="live-f1"),))
+    for report in [*REPORTS, live_buy]:
         client.xadd(ORDERS_EXECUTED, report.encode())
-        ledger.apply(report)
-    client.hset(KEY_PNL, mapping=ledger.snapshot(now_ms()))
+        ledgers.apply(report)
+    client.hset(KEY_PNL_PAPER, mapping=ledgers.paper.snapshot(now_ms()))
+    client.hset(KEY_PNL_LIVE, mapping=ledgers.live.snapshot(now_ms()))
     monkeypatch.setenv("REDIS_URL", redis_db_url)
     monkeypatch.setenv("PARQUET_DIR", str(tmp_path))
     assert main(["rebuild", "--compare"]) == 0
-    assert '"realized": "-73"' in capsys.readouterr().out
-    client.hset(KEY_PNL, "BTC-EUR:position", "-0.04")  # a hash that drifted from the stream
+    out = capsys.readouterr().out
+    assert '"realized": "-298"' in out and '"BTC-EUR:position": "0.5"' in out  # paper, and the live buy
+    client.hset(KEY_PNL_LIVE, "BTC-EUR:position", "0.04")  # a hash that drifted from the stream
     assert main(["rebuild", "--compare"]) == 1
-    assert '"live": "-0.04"' in capsys.readouterr().out
+    assert '"held": "0.04"' in capsys.readouterr().out
     client.close()
+
+
+async def test_an_oversell_is_an_anomaly_event_and_a_final_report_clears_its_open_intent(
+        redis_db_url: str, tmp_path: Path) -> None:
+    """A live sell beyond the live position (the paper book holds the coins, the live one does not) books
+    nothing but its fee, raises a critical `ledger_anomaly` event, and its final report releases the
+    intent from `trading:intents:open` in the same transaction as the booking."""
+    client = async_client(redis_db_url)
+    paper_buy = REPORTS[0]  # 0.5 BTC bought on paper
+    live_sell = dataclasses.replace(REPORTS[2], intent_id="live-sell", dry_run=False,
+                                    fills=(dataclasses.replace(REPORTS[2].fills[0], fill_id="live-s1"),))
+    await client.hset(KEY_OPEN_INTENTS, mapping={"live-sell": "{}", "unrelated": "{}"})
+    await execute(client, paper_buy)
+    task = start(Settings(parquet_dir=tmp_path), redis_db_url)
+    try:
+        await execute(client, live_sell)
+
+        async def booked() -> bool:
+            return (await pnl(client, KEY_PNL_LIVE)).get("anomalies") == "1"
+
+        await wait_for(booked)
+    finally:
+        await stop(task)
+    live, paper = await pnl(client, KEY_PNL_LIVE), await pnl(client, KEY_PNL_PAPER)
+    assert (live["BTC-EUR:position"], live["BTC-EUR:unbooked"], live["realized"]) == ("0", "0.4", "0")
+    assert live["fees"] == "-0.8"  # the rebate of the sell's fill still counts
+    assert paper["BTC-EUR:position"] == "0.5"  # the paper book is untouched
+    assert await client.hkeys(KEY_OPEN_INTENTS) == ["unrelated"]
+    anomalies = [event for event in await read_events(client) if event["type"] == "ledger_anomaly"]
+    assert len(anomalies) == 1
+    assert (anomalies[0]["severity"], anomalies[0]["market"], anomalies[0]["intent_id"]) == (
+        "critical", "BTC-EUR", "live-sell")
+    assert anomalies[0]["detail"]["mode"] == "live" and anomalies[0]["detail"]["unbooked"] == "0.4"
+    await client.aclose()

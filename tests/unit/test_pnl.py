@@ -1,4 +1,5 @@
-"""The PnL ledger against a ledger computed by hand: average cost and FIFO, shorts, fees, marks, days.
+"""The PnL ledger against a ledger computed by hand: average cost and FIFO, spot
+inventory (a sell beyond the position is an anomaly, never a short), fees, marks, days, two modes.
 
 Every expected number below was worked out on paper from the scripted fills (the working is in
 the comments); none of it comes from the code under test.
@@ -7,6 +8,7 @@ the comments); none of it comes from the code under test.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -15,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trading.orders import ExecutionReport, FillRecord
-from trading.pnl import ApplyOutcome, Ledger, LedgerError
+from trading.pnl import Anomaly, ApplyOutcome, Ledger, LedgerError, Ledgers
 
 D = Decimal
 _fill_numbers = itertools.count(1)
@@ -54,17 +56,15 @@ DAY2 = "2026-09-23T"
 #    R_avg += 0.4*(32000-31000) = 400 -> 401; R_fifo += 0.4*(32000-30000) = 800 -> 801.5
 #    pos 0.3495, avg 31000, lots [0.0995@30000, 0.25@33000]; fees 30.7
 #    day 1: realised 401 - fees 30.7 = 370.3
-# F4 one order, two fills at 29000 (00:00:00.000 of day 2): sell 0.3 (fee 9) + sell 0.1495 (fee 5.5): through zero
-#    R_avg += 0.3495*(29000-31000) = -699 -> -298; pos -0.1 (a short), avg restarts at 29000
-#    FIFO: 0.0995*(29000-30000) = -99.5, 0.2005*(29000-33000) = -802 (first fill), 0.0495*(-4000) = -198,
-#    then 0.1 short opens at 29000: R_fifo 801.5 - 1099.5 = -298; lots [0.1@29000 short]; fees 45.2
-# F5 sell 0.1 @ 28000, fee 7: adds to the short: avg (0.1*29000 + 0.1*28000)/0.2 = 28500, pos -0.2,
-#    lots [0.1@29000, 0.1@28000]; fees 52.2
-# F6 buy 0.15 @ 27000, fee 4.05: covers part of the short
-#    R_avg += 0.15*(28500-27000) = 225 -> -73; pos -0.05, avg 28500
-#    FIFO: 0.1*(29000-27000) = 200 + 0.05*(28000-27000) = 50 -> -48; lots [0.05@28000]; fees 56.25
+# F4 one order, two fills at 29000 (00:00:00.000 of day 2): sell 0.3 (fee 9) + sell 0.1495 (fee 5.5), more than held
+#    first fill 0.3: R_avg += 0.3*(29000-31000) = -600 -> -199; FIFO 0.0995*(-1000) = -99.5, 0.2005*(-4000) = -802
+#    -> R_fifo -100; pos 0.0495, lots [0.0495@33000]
+#    second fill: only the 0.0495 held is booked: R_avg += 0.0495*(-2000) = -99 -> -298; FIFO 0.0495*(-4000) = -198
+#    -> -298; pos 0, avg 0, no lots. The other 0.1 is an anomaly (never a short). fees 30.7 + 14.5 = 45.2
+# F5 sell 0.1 @ 28000, fee 7: nothing held, so all of it is an anomaly; fees 52.2; unbooked 0.2
+# F6 buy 0.15 @ 27000, fee 4.05: pos 0.15, avg 27000, lots [0.15@27000]; fees 56.25
 # ETH-EUR: E1 buy 2 @ 1500 fee 3; E2 buy 1 @ 1800 fee 0: pos 3, avg (3000+1800)/3 = 1600, lots [2@1500, 1@1800]
-# Day 2: realised -699 + 225 = -474, fees 9 + 5.5 + 7 + 4.05 + 3 = 28.55 -> realized_today -502.55
+# Day 2: realised -600 - 99 = -699, fees 9 + 5.5 + 7 + 4.05 + 3 = 28.55 -> realized_today -727.55
 SCRIPT = [
     report("BTC-EUR", "buy", fill("0.5", "30000", "15", "EUR", DAY1 + "10:00:00")),
     report("BTC-EUR", "buy", fill("0.25", "33000", "0.0005", "BTC", DAY1 + "12:00:00")),
@@ -78,22 +78,21 @@ SCRIPT = [
 ]
 
 # Marks: BTC at 27500 (a book mid); ETH has no book yet, so its last fill (1800) stands in.
-# BTC: unrealised avg -0.05*(27500-28500) = 50; FIFO lot 0.05 short @28000: 0.05*(28000-27500) = 25;
-#      exposure 0.05*27500 = 1375
+# BTC: unrealised 0.15*(27500-27000) = 75, FIFO the same (one lot); exposure 0.15*27500 = 4125
 # ETH: unrealised 3*(1800-1600) = 600; FIFO 2*(1800-1500) + 1*(1800-1800) = 600; exposure 3*1800 = 5400
-# Totals: realised -73, FIFO -48, fees 56.25 + 3 = 59.25, unrealised 650 (FIFO 625), exposure 6775,
-#         equity -73 - 59.25 + 650 = 517.75 (FIFO view: -48 - 59.25 + 625 = 517.75, the same)
+# Totals: realised -298, FIFO -298, fees 56.25 + 3 = 59.25, unrealised 675 (FIFO 675), exposure 9525,
+#         equity -298 - 59.25 + 675 = 317.75
 EXPECTED_DAY2 = {
-    "realized": "-73", "realized_fifo": "-48", "fees": "59.25", "unrealized": "650", "unrealized_fifo": "625",
-    "exposure": "6775", "equity": "517.75", "realized_today": "-502.55", "day": "2026-09-23",
-    "updated_ts": str(ms(DAY2 + "05:00:00")), "fills": "9",
-    "BTC-EUR:position": "-0.05", "BTC-EUR:avg_cost": "28500", "BTC-EUR:realized": "-73",
-    "BTC-EUR:realized_fifo": "-48", "BTC-EUR:fees": "56.25", "BTC-EUR:unrealized": "50",
-    "BTC-EUR:unrealized_fifo": "25", "BTC-EUR:exposure": "1375", "BTC-EUR:mark": "27500",
-    "BTC-EUR:mark_source": "mid",
+    "realized": "-298", "realized_fifo": "-298", "fees": "59.25", "unrealized": "675", "unrealized_fifo": "675",
+    "exposure": "9525", "equity": "317.75", "realized_today": "-727.55", "day": "2026-09-23",
+    "updated_ts": str(ms(DAY2 + "05:00:00")), "fills": "9", "anomalies": "2",
+    "BTC-EUR:position": "0.15", "BTC-EUR:avg_cost": "27000", "BTC-EUR:realized": "-298",
+    "BTC-EUR:realized_fifo": "-298", "BTC-EUR:fees": "56.25", "BTC-EUR:unrealized": "75",
+    "BTC-EUR:unrealized_fifo": "75", "BTC-EUR:exposure": "4125", "BTC-EUR:mark": "27500",
+    "BTC-EUR:mark_source": "mid", "BTC-EUR:unbooked": "0.2",
     "ETH-EUR:position": "3", "ETH-EUR:avg_cost": "1600", "ETH-EUR:realized": "0", "ETH-EUR:realized_fifo": "0",
     "ETH-EUR:fees": "3", "ETH-EUR:unrealized": "600", "ETH-EUR:unrealized_fifo": "600", "ETH-EUR:exposure": "5400",
-    "ETH-EUR:mark": "1800", "ETH-EUR:mark_source": "last_fill",
+    "ETH-EUR:mark": "1800", "ETH-EUR:mark_source": "last_fill", "ETH-EUR:unbooked": "0",
 }
 
 
@@ -115,11 +114,11 @@ def test_a_mark_moves_unrealised_and_exposure_only() -> None:
     ledger.mark("BTC-EUR", D("27500"))
     ledger.mark("ETH-EUR", D("1700"))
     # ETH at 1700: unrealised 3*(1700-1600) = 300; FIFO 2*200 + 1*(-100) = 300; exposure 5100
-    # totals: unrealised 50 + 300 = 350, FIFO 25 + 300 = 325, exposure 1375 + 5100 = 6475,
-    #         equity -73 - 59.25 + 350 = 217.75
+    # totals: unrealised 75 + 300 = 375, FIFO 75 + 300 = 375, exposure 4125 + 5100 = 9225,
+    #         equity -298 - 59.25 + 375 = 17.75
     snapshot = ledger.snapshot(ms(DAY2 + "05:00:00"))
     changed = {key: value for key, value in snapshot.items() if EXPECTED_DAY2[key] != value}
-    assert changed == {"unrealized": "350", "unrealized_fifo": "325", "exposure": "6475", "equity": "217.75",
+    assert changed == {"unrealized": "375", "unrealized_fifo": "375", "exposure": "9225", "equity": "17.75",
                        "ETH-EUR:unrealized": "300", "ETH-EUR:unrealized_fifo": "300", "ETH-EUR:exposure": "5100",
                        "ETH-EUR:mark": "1700", "ETH-EUR:mark_source": "mid"}
 
@@ -136,7 +135,7 @@ def test_realized_today_restarts_at_midnight_utc() -> None:
     assert (snapshot["day"], snapshot["realized_today"], snapshot["realized"]) == ("2026-09-23", "0", "401")
     for item in SCRIPT[3:]:
         ledger.apply(item)
-    assert ledger.snapshot(ms(DAY2 + "23:59:59"))["realized_today"] == "-502.55"
+    assert ledger.snapshot(ms(DAY2 + "23:59:59"))["realized_today"] == "-727.55"
     assert ledger.snapshot(ms("2026-09-24T00:00:00"))["realized_today"] == "0"
 
 
@@ -145,12 +144,11 @@ def test_a_repeated_fill_is_booked_once() -> None:
     before = ledger.snapshot(ms(DAY2 + "05:00:00"))
     assert ledger.apply(SCRIPT[2]) == ApplyOutcome(applied=0, duplicates=1)
     # A later report that repeats one fill of F4 and brings a new one: only the new one counts.
-    # The new fill sells 0.05 @ 27000, adding to the 0.05 short at avg 28500:
-    # pos -0.1, avg (0.05*28500 + 0.05*27000)/0.1 = 27750, nothing realised
+    # The new fill sells 0.05 of the 0.15 held at avg 27000, at 27000: pos 0.1, nothing realised
     again = report("BTC-EUR", "sell", SCRIPT[3].fills[1], fill("0.05", "27000", "0", "EUR", DAY2 + "06:00:00"))
     assert ledger.apply(again) == ApplyOutcome(applied=1, duplicates=1)
     after = ledger.snapshot(ms(DAY2 + "05:00:00"))
-    assert (after["BTC-EUR:position"], after["BTC-EUR:avg_cost"], after["fills"]) == ("-0.1", "27750", "10")
+    assert (after["BTC-EUR:position"], after["BTC-EUR:avg_cost"], after["fills"]) == ("0.1", "27000", "10")
     assert after["realized"] == before["realized"] and after["fees"] == before["fees"]
     assert ledger.duplicates_skipped == 2
 
@@ -201,9 +199,72 @@ def test_average_cost_and_fifo_agree_on_total_pnl(script: list[tuple[str, int, i
     for side, amount, price in script:
         ledger.apply(report("BTC-EUR", side, fill(str(amount), str(price), "0", "EUR", DAY2 + "00:00:00")))
         account = ledger.accounts["BTC-EUR"]
-        assert sum((lot.amount for lot in account.lots), D(0)) == abs(account.position)
+        assert account.position >= 0  # spot: never short, whatever the fills say
+        assert sum((lot.amount for lot in account.lots), D(0)) == account.position
     ledger.mark("BTC-EUR", D(mark))
     snap = ledger.snapshot(ms(DAY2 + "01:00:00"))
     average = D(snap["realized"]) + D(snap["unrealized"])
     fifo = D(snap["realized_fifo"]) + D(snap["unrealized_fifo"])
     assert abs(average - fifo) < D("1e-18")  # the average price is a rounded quotient
+
+
+# -- spot inventory: a sell never takes a position below zero -------------------------------------
+
+def test_a_sell_with_nothing_held_books_nothing_but_its_fee_and_is_an_anomaly() -> None:
+    ledger = Ledger()
+    sale = report("BTC-EUR", "sell", fill("0.01", "30000", "0.75", "EUR", DAY2 + "00:00:00", fill_id="s1"))
+    outcome = ledger.apply(sale)
+    assert outcome == ApplyOutcome(applied=1, duplicates=0,
+                                   anomalies=(Anomaly("s1", "BTC-EUR", ms(DAY2 + "00:00:00"), D("0.01"), D("30000")),))
+    snap = ledger.snapshot(ms(DAY2 + "01:00:00"))
+    # No short, no unrealised PnL on one; the fee was paid, so it counts.
+    assert (snap["BTC-EUR:position"], snap["BTC-EUR:unrealized"], snap["BTC-EUR:exposure"]) == ("0", "0", "0")
+    assert (snap["realized"], snap["fees"], snap["anomalies"], snap["BTC-EUR:unbooked"]) == ("0", "0.75", "1", "0.01")
+    assert ledger.apply(sale).anomalies == ()  # a repeated fill is a duplicate, not a second anomaly
+
+
+def test_a_sell_larger_than_the_position_realises_the_position_and_reports_the_rest() -> None:
+    ledger = Ledger()
+    ledger.apply(report("BTC-EUR", "buy", fill("0.3", "20000", "0", "EUR", DAY2 + "00:00:00")))
+    outcome = ledger.apply(report("BTC-EUR", "sell", fill("0.5", "21000", "0", "EUR", DAY2 + "00:01:00",
+                                                          fill_id="big")))
+    assert [(a.fill_id, a.unbooked) for a in outcome.anomalies] == [("big", D("0.2"))]
+    snap = ledger.snapshot(ms(DAY2 + "01:00:00"))
+    # Only the 0.3 held is realised: 0.3 * (21000 - 20000) = 300, both methods.
+    assert (snap["BTC-EUR:position"], snap["realized"], snap["realized_fifo"]) == ("0", "300", "300")
+    assert snap["BTC-EUR:avg_cost"] == "0"
+
+
+def test_a_sell_after_a_partially_filled_buy_sells_only_what_filled() -> None:
+    ledger = Ledger()
+    # A buy of 0.4 filled 0.1 of it (the rest cancelled): the position is 0.1, not 0.4.
+    ledger.apply(report("ETH-EUR", "buy", fill("0.1", "2000", "0", "EUR", DAY2 + "00:00:00")))
+    outcome = ledger.apply(report("ETH-EUR", "sell", fill("0.4", "2100", "0", "EUR", DAY2 + "00:00:01",
+                                                          fill_id="e-sell")))
+    assert [a.unbooked for a in outcome.anomalies] == [D("0.3")]
+    snap = ledger.snapshot(ms(DAY2 + "01:00:00"))
+    assert (snap["ETH-EUR:position"], snap["realized"]) == ("0", "10")  # 0.1 * (2100 - 2000)
+
+
+def test_a_base_fee_beyond_the_position_is_an_anomaly_too() -> None:
+    ledger = Ledger()
+    ledger.apply(report("BTC-EUR", "buy", fill("0.1", "20000", "0", "EUR", DAY2 + "00:00:00")))
+    # Selling all 0.1 with a 0.001 BTC fee: the fee's base is not held any more.
+    outcome = ledger.apply(report("BTC-EUR", "sell", fill("0.1", "20000", "0.001", "BTC", DAY2 + "00:00:01",
+                                                          fill_id="fee")))
+    assert [a.unbooked for a in outcome.anomalies] == [D("0.001")]
+    assert ledger.accounts["BTC-EUR"].position == 0
+
+
+def test_paper_and_live_fills_go_to_two_books() -> None:
+    ledgers = Ledgers()
+    paper_buy = report("BTC-EUR", "buy", fill("0.5", "30000", "0", "EUR", DAY2 + "00:00:00"))
+    live_sell = replace(report("BTC-EUR", "sell", fill("0.2", "31000", "0", "EUR", DAY2 + "00:00:01",
+                                                       fill_id="live-1")), dry_run=False)
+    ledgers.apply(paper_buy)
+    outcome = ledgers.apply(live_sell)
+    # The paper position is no inventory for a live sell: the live book holds nothing.
+    assert [a.unbooked for a in outcome.anomalies] == [D("0.2")]
+    assert ledgers.paper.accounts["BTC-EUR"].position == D("0.5")
+    assert ledgers.live.accounts["BTC-EUR"].position == 0
+    assert ledgers.of(True) is ledgers.paper and ledgers.of(False) is ledgers.live
