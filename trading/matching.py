@@ -12,6 +12,10 @@ CONTRACT (types and method signatures are fixed; bodies are implemented below):
   public trades, and the aggregated book level changes in the order they happened.
 - Validation failures raise `trading.exchange.errors.BitvavoError` subclasses with the spec's
   error codes (205, 203, 206, 212, 216, 217, 220, 222..240, 422, 429, 423..426, ...).
+- Size limits (210/212/217): an order's quote size is its amountQuote, or amount x its limit
+  price, or for a market order by amount, amount x the best opposite price (best ask for a buy,
+  best bid for a sell). A market order by amount facing an empty side has no quote size and
+  skips the quote limits; it trades nothing (canceledMarketProtection).
 """
 
 from __future__ import annotations
@@ -438,7 +442,7 @@ class MatchingEngine:
         if (rules.status == "auction" and request.price is not None
                 and self._crosses(book, request.side, request.price)):
             raise _error(425)  # no matching during an auction
-        self._check_size(request, rules)
+        self._check_size(book, request)
         hist = self._history(acct, request.market)
         if not acct.unlimited and len(hist.open) >= rules.max_open_orders:
             raise _error(235, f"You can only have {rules.max_open_orders} open orders in each market.")
@@ -757,12 +761,23 @@ class MatchingEngine:
         return _error(429, f"{param} parameter {format_decimal(value)} has too many decimals "
                            "for this market.")
 
-    def _check_size(self, request: OrderRequest, rules: MarketRules) -> None:
-        if request.amount is not None:
-            notional = request.amount * request.price if request.price is not None else None
-            self._check_notional("amount", request.amount, notional, rules)
-        elif request.amount_quote is not None:
+    def _check_size(self, book: _Book, request: OrderRequest) -> None:
+        """Min/max size in base and in quote. The quote size (notional) of an order by `amount`
+        is amount x its limit price, or for a market order amount x the best opposite price
+        (what its first fill would trade at). With no opposite side it cannot be valued, and the
+        quote check is skipped: such an order trades nothing (canceledMarketProtection), while
+        any stand-in price (a last trade) would be one the paper mirror does not have."""
+        rules = book.rules
+        if request.amount_quote is not None:
             self._check_notional("amountQuote", None, request.amount_quote, rules)
+        elif request.amount is not None:
+            price = request.price
+            if price is None:
+                opposite = book.asks if request.side == "buy" else book.bids
+                if opposite:
+                    price = opposite.peekitem(0 if request.side == "buy" else -1)[0]
+            notional = request.amount * price if price is not None else None
+            self._check_notional("amount", request.amount, notional, rules)
 
     @staticmethod
     def _check_notional(param: str, amount: Decimal | None, notional: Decimal | None,

@@ -492,9 +492,9 @@ def test_cancel_releases_hold_and_removes_level(engine: MatchingEngine) -> None:
 
 
 def test_partially_filled_buy_then_cancel_leaves_nothing_on_hold(engine: MatchingEngine) -> None:
-    order = engine.place("alice", limit("buy", "0.0003", "30000")).order
+    order = engine.place("alice", limit("buy", "0.0009", "30000")).order
     for _ in range(3):
-        engine.place("bob", market("sell", "0.00007"))
+        engine.place("bob", market("sell", "0.00021"))  # 6.30 EUR each: above the 5 EUR minimum
     engine.cancel("alice", "BTC-EUR", order_id=order.order_id)
     assert in_order(engine, "alice", "EUR") == 0 and order.on_hold == 0
     for symbol in ("EUR", "BTC"):
@@ -613,6 +613,60 @@ def test_place_validation(engine: MatchingEngine, request_: OrderRequest, code: 
     error = expect_error(code, lambda: engine.place("alice", request_), message)
     assert isinstance(error, InsufficientBalanceError if code == 216 else InvalidRequestError)
     assert engine.open_orders("alice") == [] and engine.depth("BTC-EUR") == ([], [])
+
+
+@pytest.mark.parametrize(("side", "amount", "accepted"), [
+    # Valued at the best bid (40000), not the best ask (50000) a buy would take.
+    ("sell", "0.0001", False),       # 4.00 EUR (5.00 at the ask)
+    ("sell", "0.00012499", False),   # 4.9996 EUR
+    ("sell", "0.000125", True),      # 5.00 EUR: the minimum itself is allowed
+    # Valued at the best ask (50000), not the best bid.
+    ("buy", "0.00009999", False),    # 4.9995 EUR
+    ("buy", "0.0001", True),         # 5.00 EUR (4.00 at the bid)
+])
+def test_market_order_by_amount_is_valued_at_the_best_opposite_price(
+        engine: MatchingEngine, side: str, amount: str, accepted: bool) -> None:
+    engine.set_liquidity_level("mm", "BTC-EUR", "buy", D("40000"), D("1"))
+    engine.set_liquidity_level("mm", "BTC-EUR", "sell", D("50000"), D("1"))
+    depth = engine.depth("BTC-EUR")
+    if accepted:
+        result = engine.place("alice", market(side, amount))
+        assert result.order.status == "filled" and result.order.filled_amount == D(amount)
+        return
+    expect_error(217, lambda: engine.place("alice", market(side, amount)),
+                 "Minimum order size in quote currency is 5 EUR.")
+    assert engine.orders("alice", "BTC-EUR") == [] and engine.depth("BTC-EUR") == depth
+    assert (available(engine, "alice", "EUR"), available(engine, "alice", "BTC")) == (EUR0, BTC0)
+
+
+def test_market_order_by_amount_is_valued_at_the_best_price_not_along_its_walk(engine: MatchingEngine) -> None:
+    # Its size is judged where it starts (5.50 EUR at the best bid), as a limit order's is at its
+    # price, although walking the thin book it trades only 0.60 EUR in all.
+    engine.set_liquidity_level("mm", "BTC-EUR", "buy", D("50000"), D("0.00001"))
+    engine.set_liquidity_level("mm", "BTC-EUR", "buy", D("1000"), D("1"))
+    order = engine.place("alice", market("sell", "0.00011")).order
+    assert order.status == "filled" and order.filled_amount_quote == D("0.60")
+
+
+def test_market_order_by_amount_against_an_empty_side_is_not_valued(engine: MatchingEngine) -> None:
+    # Nothing to value it at and nothing it could trade with: accepted, and it trades nothing.
+    engine.set_liquidity_level("mm", "BTC-EUR", "sell", D("50000"), D("1"))
+    result = engine.place("alice", market("sell", "0.00001"))
+    assert result.order.status == "canceledMarketProtection" and result.fills == []
+    assert (available(engine, "alice", "EUR"), available(engine, "alice", "BTC")) == (EUR0, BTC0)
+
+
+def test_market_order_by_amount_above_the_maximum_notional() -> None:
+    rules = MarketRules(market="X-EUR", base="X", quote="EUR", tick_size=D("1"), quantity_decimals=2,
+                        notional_decimals=2, min_order_base=D("1"), min_order_quote=D("5"),
+                        max_order_quote=D("1000"))
+    engine = MatchingEngine([rules], clock=Clock(), id_factory=counter_ids())
+    engine.open_account("a", {"EUR": D("100000")}, NO_FEES)
+    engine.open_account("mm", {}, NO_FEES, unlimited=True)
+    engine.set_liquidity_level("mm", "X-EUR", "sell", D("100"), D("1000"))
+    expect_error(210, lambda: engine.place("a", market("buy", "10.01", market="X-EUR")),
+                 "amount parameter exceeds the maximum order size of 1000 EUR.")
+    assert engine.place("a", market("buy", "10", market="X-EUR")).order.status == "filled"
 
 
 def test_order_type_not_in_market_rules() -> None:
