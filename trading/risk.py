@@ -4,8 +4,13 @@
 `GUARDS` order and returns every outcome; the first failing one (`first_failure`) is the
 reason the intent is refused. Nothing here does I/O: the loop reads the `Context` from
 Redis once per signal (`context_from_redis` turns the raw replies into it) and writes the
-verdict. A value that cannot be read (a corrupt `trading:pnl` field, an unknown
+verdict. A value that cannot be read (a corrupt `trading:pnl:<mode>` field, an unknown
 `trading:state`) fails the guards that need it: when in doubt, no new risk.
+
+Spot only: a sell needs inventory. The inventory of a market is the position of the mode's
+ledger (`trading:pnl:paper` in dry-run, `trading:pnl:live` live: paper coins are never
+inventory for a live sell) minus the base amount of the sells still open (sent, not yet in the
+ledger), so two sells racing for the same coins cannot both have them.
 """
 
 from __future__ import annotations
@@ -111,7 +116,8 @@ class Proposal:
 class OpenIntent:
     market: str
     side: str
-    notional: Decimal
+    notional: Decimal  # EUR
+    amount: Decimal  # base
 
 
 @dataclass(frozen=True)
@@ -123,10 +129,10 @@ class Context:
     live: bool = False  # DRY_RUN=false: the live gate applies
     gate: GateStatus = DRY_RUN_GATE
     state: str = STATE_ACTIVE
-    position: Decimal = ZERO  # signed base amount in the proposal's market
-    market_exposure: Decimal = ZERO  # EUR, from trading:pnl
+    position: Decimal = ZERO  # base amount held in the proposal's market (the mode's ledger; never below zero)
+    market_exposure: Decimal = ZERO  # EUR, from trading:pnl:<mode>
     total_exposure: Decimal = ZERO
-    realized_today: Decimal = ZERO  # EUR, of today's UTC day (0 when trading:pnl is of another day)
+    realized_today: Decimal = ZERO  # EUR, of today's UTC day (0 when the ledger's hash is of another day)
     open_intents: Mapping[str, OpenIntent] = field(default_factory=dict)
     gap_open: bool = False
     last_intent_ms: int | None = None  # last intent this core emitted for the market
@@ -135,6 +141,14 @@ class Context:
     def open_notional(self, market: str | None = None) -> Decimal:
         """EUR of the intents still open, in `market` or (None) in all markets."""
         return sum((i.notional for i in self.open_intents.values() if market is None or i.market == market), ZERO)
+
+    def open_sells(self, market: str) -> Decimal:
+        """Base amount of the sells still open in `market`: inventory already promised."""
+        return sum((i.amount for i in self.open_intents.values() if i.market == market and i.side == "sell"), ZERO)
+
+    def inventory(self, market: str) -> Decimal:
+        """What a new sell in `market` may sell: the position less the open sells, never below zero."""
+        return max(ZERO, self.position - self.open_sells(market))
 
 
 @dataclass(frozen=True)
@@ -155,10 +169,8 @@ def _shown(value: Measure) -> str | int | None:
 
 
 def reduces_position(side: str, amount: Decimal, position: Decimal) -> bool:
-    """True when the order shrinks the position without flipping it (sell a long, buy back a short)."""
-    if side == "sell":
-        return position > 0 and amount <= position
-    return position < 0 and amount <= -position
+    """True when the order sells part or all of the position (spot: a buy never reduces, nothing is short)."""
+    return side == "sell" and 0 < amount <= position
 
 
 # -- the guards, each (proposal, context, limits) -> outcome ------------------------------------
@@ -215,6 +227,28 @@ def stale_data(p: Proposal, ctx: Context, limits: Limits) -> GuardOutcome:
         return GuardOutcome("stale_data", False, age, limits.stale_book_ms,
                             f"signal's book is {age} ms old (limit {limits.stale_book_ms} ms)")
     return GuardOutcome("stale_data", True, age, limits.stale_book_ms, "book fresh, no open gap")
+
+
+def no_inventory(p: Proposal, ctx: Context, limits: Limits) -> GuardOutcome:
+    """A sell only of what the mode's ledger holds beyond the open sells, and at least a market minimum of it."""
+    name = "no_inventory"
+    if p.side != "sell":
+        return GuardOutcome(name, True, None, None, "a buy needs no inventory")
+    if (bad := _unreadable(name, ctx, "position", "open_intents")) is not None:
+        return bad
+    available = ctx.inventory(p.market)
+    held = (f"position {format_decimal(ctx.position)} - open sells {format_decimal(ctx.open_sells(p.market))} "
+            f"= {format_decimal(available)} {p.market.partition('-')[0]}")
+    if available <= 0:
+        return GuardOutcome(name, False, available, p.amount, f"nothing to sell: {held}")
+    if p.amount > available:
+        return GuardOutcome(name, False, available, p.amount, f"sell {format_decimal(p.amount)} exceeds {held}")
+    unit = p.notional / p.amount if p.amount > 0 else ZERO
+    if available < p.min_amount or available * unit < p.min_notional:
+        return GuardOutcome(name, False, available, p.min_amount,
+                            f"{held}: below the market minimum ({format_decimal(p.min_amount)} base, "
+                            f"{format_decimal(p.min_notional)} EUR)")
+    return GuardOutcome(name, True, available, p.amount, f"sell within {held}")
 
 
 def max_notional(p: Proposal, ctx: Context, limits: Limits) -> GuardOutcome:
@@ -308,8 +342,9 @@ def drill_signal(p: Proposal, ctx: Context, limits: Limits) -> GuardOutcome:
 
 
 # The order is the contract (docs/trading-core.md): the first failure is the one reported.
-GUARDS: tuple[Guard, ...] = (kill_switch, live_gate, trading_state, stale_data, max_notional, max_exposure_market,
-                             max_exposure_total, max_open_intents, daily_loss, cooldown, order_minimum, drill_signal)
+GUARDS: tuple[Guard, ...] = (kill_switch, live_gate, trading_state, stale_data, no_inventory, max_notional,
+                             max_exposure_market, max_exposure_total, max_open_intents, daily_loss, cooldown,
+                             order_minimum, drill_signal)
 GUARD_NAMES: tuple[str, ...] = tuple(guard.__name__ for guard in GUARDS)
 
 
@@ -327,11 +362,11 @@ def first_failure(outcomes: Sequence[GuardOutcome]) -> GuardOutcome | None:
 PNL_FIELDS = ("exposure", "realized_today", "day")
 
 
-PNL_MAX_AGE_MS = 30_000  # the PnL loop rewrites trading:pnl every second; older means it is not running
+PNL_MAX_AGE_MS = 30_000  # the PnL loop rewrites its hashes every second; older means it is not running
 
 
 def pnl_fields_for(market: str) -> list[str]:
-    """The `trading:pnl` fields the guards read for `market` (HMGET order)."""
+    """The `trading:pnl:<mode>` fields the guards read for `market` (HMGET order)."""
     return [*PNL_FIELDS, f"{market}:position", f"{market}:exposure", "updated_ts"]
 
 
@@ -351,22 +386,23 @@ def context_from_redis(*, now_ms: int, market: str, live: bool, kill: str | None
         try:
             return parse_decimal(raw, name)
         except DecimalParseError:
-            unreadable[name] = f"trading:pnl value {raw[:40]!r} is not a decimal"
+            unreadable[name] = f"ledger value {raw[:40]!r} is not a decimal"
             return ZERO
 
     total_exposure, realized_today, day, position, market_exposure, updated = pnl
     if updated is not None:  # absent: nothing traded yet. Stale: positions may have moved since; refuse new risk
         age_ms = now_ms - int(updated) if updated.isdigit() else None
         if age_ms is None or age_ms > PNL_MAX_AGE_MS:
-            why = (f"trading:pnl last updated {age_ms / 1000:.0f} s ago (is the PnL orchestrator running?)"
-                   if age_ms is not None else f"trading:pnl updated_ts {updated[:40]!r} is not an integer")
+            why = (f"ledger last updated {age_ms / 1000:.0f} s ago (is the PnL loop running?)"
+                   if age_ms is not None else f"ledger updated_ts {updated[:40]!r} is not an integer")
             unreadable.update(dict.fromkeys(("exposure", "realized_today", "position"), why))
     parsed_open: dict[str, OpenIntent] = {}
     for intent_id, raw in open_intents.items():
         try:
             data = orjson.loads(raw)
             parsed_open[intent_id] = OpenIntent(str(data["market"]), str(data["side"]),
-                                                parse_decimal(data["notional"], "notional"))
+                                                parse_decimal(data["notional"], "notional"),
+                                                parse_decimal(data["amount"], "amount"))
         except (orjson.JSONDecodeError, KeyError, TypeError, DecimalParseError):
             unreadable["open_intents"] = f"trading:intents:open {intent_id} is {raw[:60]!r}"
     realized = decimal("realized_today", realized_today)
@@ -378,12 +414,15 @@ def context_from_redis(*, now_ms: int, market: str, live: bool, kill: str | None
             last_ms = int(last_intent)
         except ValueError:
             unreadable["last_intent"] = f"last intent time {last_intent[:40]!r} is not an integer"
+    held = decimal("position", position)
+    if held < 0:
+        unreadable["position"] = f"ledger position {format_decimal(held)} is below zero (a spot ledger never is)"
     exposure = decimal("exposure", total_exposure)
     market_exp = decimal("exposure", market_exposure)
     return Context(
         now_ms=now_ms, kill=kill == "1", live=live,
         gate=gate_from_state(kill, dict(golive or {}), now_ms) if live else DRY_RUN_GATE,
         state=STATE_ACTIVE if state is None else state,
-        position=decimal("position", position), market_exposure=market_exp, total_exposure=exposure,
+        position=held, market_exposure=market_exp, total_exposure=exposure,
         realized_today=realized, open_intents=parsed_open, gap_open=gap is not None, last_intent_ms=last_ms,
         unreadable=unreadable)

@@ -4,7 +4,8 @@ Per signal (`SIGNAL_STREAM`, consumer group `trading-core`):
 1. parse it; a bad signal (missing field, not a decimal, negative price, unknown market, side
    not buy/sell) is a `RejectEntry` and goes to `<stream>:dead`;
 2. skip it when its `signal_id` was already decided (idempotency mark of the group);
-3. read the guards' context from Redis in ONE pipelined round trip;
+3. read the guards' context from Redis in ONE pipelined round trip (the ledger of the mode the
+   core trades in: `trading:pnl:paper` in dry-run, `trading:pnl:live` live);
 4. size the order (pure), run the guards (`trading.risk.evaluate`, pure);
 5. queue, in the transaction that also acks the signal: the idempotency mark, one event
    (`intent`, or `reject` / `kill_switch` naming the first failing guard, with every guard's
@@ -14,7 +15,9 @@ Per signal (`SIGNAL_STREAM`, consumer group `trading-core`):
 
 Sizing: a limit IOC order, priced at the estimated far touch (ref_price ± half the signal's
 spread) plus `slippage_bps`, so it is marketable but cannot fill beyond that bound and never
-rests. The amount is `order_notional` EUR at the signal's `ref_price`, rounded DOWN to the
+rests. The amount is `order_notional` EUR at the signal's `ref_price`, a sell capped at the
+inventory (the position less the sells still open: spot, never sell what the bot does not
+hold; below the market minimum it is refused as `no_inventory`), rounded DOWN to the
 market's `quantityDecimals`; the price is rounded to the market's `tickSize` in the direction
 that keeps the bound. Without market rules (GET /markets unreachable), 5 significant digits
 (Bitvavo's former price precision, from which today's tick sizes derive) and at most 8 decimals
@@ -44,12 +47,12 @@ from trading.bus import (
     KEY_KILL,
     KEY_OPEN_GAPS,
     KEY_OPEN_INTENTS,
-    KEY_PNL,
     KEY_TRADING_STATE,
     ORDERS_SHADOW,
     SIGNAL_SCHEMA,
     EntryDecodeError,
     decode_entry,
+    pnl_key,
 )
 from trading.clock import now_ms
 from trading.config import MARKET_PATTERN, ConfigError, Settings
@@ -198,7 +201,7 @@ def round_amount(amount: Decimal, rules: MarketRules | None) -> Decimal:
 
 def size_order(signal: Signal, rules: MarketRules | None, *, order_notional: Decimal, slippage_bps: Decimal,
                max_amount: Decimal | None = None) -> OrderPlan:
-    """The limit IOC order for a signal; `max_amount` caps it (reduce-only: at most the position)."""
+    """The limit IOC order for a signal; `max_amount` caps it (a sell: at most the inventory)."""
     # spread_bps < 10000 (parse_signal) and slippage_bps <= MAX_SLIPPAGE_BPS keep a sell price positive.
     bound = (signal.spread_bps / 2 + slippage_bps) / _BPS
     raw_price = signal.ref_price * (1 + bound if signal.side == "buy" else 1 - bound)
@@ -286,6 +289,7 @@ class TradingCore:
         self.market_rules = market_rules
         self.metrics = metrics
         self.live = not settings.dry_run
+        self.pnl_key = pnl_key(settings.dry_run)  # the guards read their own mode's ledger only
         self.intents = 0
         self.rejects: Tally[str] = Tally()
         self._lake_intents = LakeWriter(settings.parquet_dir, LAKE_INTENTS)
@@ -298,7 +302,7 @@ class TradingCore:
             pipe.exists(self.consumer.done_key(signal_id))
             pipe.get(KEY_KILL)
             pipe.get(KEY_TRADING_STATE)
-            pipe.hmget(KEY_PNL, pnl_fields_for(market))
+            pipe.hmget(self.pnl_key, pnl_fields_for(market))
             pipe.hgetall(KEY_OPEN_INTENTS)
             pipe.hget(KEY_OPEN_GAPS, market)
             pipe.hget(KEY_LAST_INTENT, market)
@@ -323,7 +327,7 @@ class TradingCore:
         rules = self.market_rules.get(signal.market)
         reduce_only = context.state == STATE_REDUCE_ONLY
         plan = size_order(signal, rules, order_notional=self.order_notional, slippage_bps=self.slippage_bps,
-                          max_amount=abs(context.position) if reduce_only else None)
+                          max_amount=context.inventory(signal.market) if signal.side == "sell" else None)
         proposal = Proposal(market=signal.market, side=signal.side, amount=plan.amount, notional=plan.notional,
                             signal_ts=signal.ts,
                             min_amount=rules.min_order_base if rules else Decimal(0),
@@ -345,7 +349,7 @@ class TradingCore:
             tx.xadd(ORDERS_SHADOW, encoded, maxlen=self.settings.stream_maxlen, approximate=True)
             tx.hset(KEY_OPEN_INTENTS, intent_id, orjson.dumps(
                 {"market": signal.market, "side": signal.side, "notional": format_decimal(plan.notional),
-                 "ts": now}).decode())
+                 "amount": format_decimal(plan.amount), "ts": now}).decode())
             tx.hset(KEY_LAST_INTENT, signal.market, str(now))
             event_type, severity = "intent", Severity.INFO
             intent_row = intent.to_fields()

@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio
 
 from tests.integration.conftest import SimHandle
-from trading.bus import KEY_KILL, KEY_OPEN_INTENTS, ORDERS_SHADOW, decode_entry, encode_entry
+from trading.bus import KEY_KILL, KEY_OPEN_INTENTS, ORDERS_SHADOW, decode_entry, encode_entry, pnl_key
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.events import read_events
@@ -24,7 +24,8 @@ from trading.golive import record_decision
 from trading.lake import channel_files, read_jsonl, utc_day
 from trading.lease import LeaseHeldError
 from trading.matching import MarketRules
-from trading.orders import Intent, intent_id_for
+from trading.orders import ExecutionReport, FillRecord, Intent, intent_id_for
+from trading.pnl import Ledgers
 from trading.processes import free_port
 from trading.risk import GUARD_NAMES, Limits
 from trading.trading_core import (
@@ -82,6 +83,12 @@ async def _until(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0) -
             await asyncio.sleep(0.02)
 
 
+async def _hold(client: redis.asyncio.Redis, positions: dict[str, str], *, dry_run: bool = True) -> None:
+    """A fresh ledger hash of the mode holding `positions` (what the PnL loop writes)."""
+    fields = {"updated_ts": str(now_ms()), **{f"{market}:position": amount for market, amount in positions.items()}}
+    await client.hset(pnl_key(dry_run), mapping=fields)  # type: ignore[arg-type]
+
+
 async def _stop(task: asyncio.Task[Any]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -104,6 +111,7 @@ def _metrics(port: int) -> str:
 
 async def test_signals_become_intents_with_the_contract_fields(client: redis.asyncio.Redis, redis_db_url: str,
                                                               tmp_path: Path) -> None:
+    await _hold(client, {"XRP-EUR": "100"})
     await _publish(client, _signal("sig-btc", "BTC-EUR", "buy"), _signal("sig-xrp", "XRP-EUR", "sell"))
     summary = await _core(Settings(parquet_dir=tmp_path), redis_db_url)
 
@@ -124,7 +132,7 @@ async def test_signals_become_intents_with_the_contract_fields(client: redis.asy
 
     open_intents = {k: orjson.loads(v) for k, v in (await client.hgetall(KEY_OPEN_INTENTS)).items()}
     assert open_intents[btc.intent_id] == {"market": "BTC-EUR", "side": "buy", "notional": "49.99981632",
-                                           "ts": btc.ts}
+                                           "amount": "0.00067407", "ts": btc.ts}
     assert set(open_intents) == {btc.intent_id, xrp.intent_id}
     assert set(await client.hkeys(KEY_LAST_INTENT)) == {"BTC-EUR", "XRP-EUR"}
 
@@ -304,3 +312,75 @@ async def test_market_rules_come_from_get_markets(sim: SimHandle) -> None:
     assert rules["XRP-EUR"].quantity_decimals == 6
     unreachable, why = await load_market_rules("http://127.0.0.1:9/v2", timeout_s=1)
     assert unreachable == {} and "GET /markets failed" in why
+
+
+# -- spot inventory: a sell only of what the mode's ledger holds ------------------------------------
+
+NO_COOLDOWN = Limits(max_notional_per_order=D(250), max_exposure_per_market=D(1000), max_exposure_total=D(5000),
+                     max_open_intents=20, max_daily_loss=D(250), stale_book_ms=5_000, market_cooldown_ms=0)
+
+
+async def _decisions(client: redis.asyncio.Redis) -> list[tuple[str, str | None]]:
+    """(event type, failing guard) of every decision, oldest first."""
+    return [(e["type"], e["detail"].get("guard")) for e in await read_events(client)]
+
+
+async def test_a_sell_with_nothing_held_is_refused_as_no_inventory(client: redis.asyncio.Redis, redis_db_url: str,
+                                                                   tmp_path: Path) -> None:
+    await _hold(client, {"ETH-EUR": "3"})  # inventory elsewhere is no inventory for BTC
+    await _publish(client, _signal("sell-nothing", "BTC-EUR", "sell"))
+    port = free_port()
+    summary = await _core(Settings(parquet_dir=tmp_path), redis_db_url, metrics_port=port, limits=NO_COOLDOWN)
+    assert (summary.intents, summary.rejects) == (0, {"no_inventory": 1})
+    (event,) = await read_events(client)
+    assert (event["type"], event["severity"], event["detail"]["guard"]) == ("reject", "warning", "no_inventory")
+    assert "nothing to sell: position 0 - open sells 0 = 0 BTC" in event["detail"]["reason"]
+    assert await client.xlen(ORDERS_SHADOW) == 0 and await client.hlen(KEY_OPEN_INTENTS) == 0
+
+
+async def test_a_sell_larger_than_the_position_is_capped_and_racing_sells_share_the_inventory(
+        client: redis.asyncio.Redis, redis_db_url: str, tmp_path: Path) -> None:
+    # 50 EUR at 74096.5 would be 0.00067479 BTC; the bot holds 0.001.
+    await _hold(client, {"BTC-EUR": "0.001"})
+    await _publish(client, *(_signal(f"sell-{n}", "BTC-EUR", "sell") for n in range(3)))
+    summary = await _core(Settings(parquet_dir=tmp_path), redis_db_url, limits=NO_COOLDOWN)
+    first, second = await _intents(client)
+    # The first takes its full size; the second only what the first left (its open intent counts);
+    # the third finds nothing left.
+    assert (first.amount, second.amount) == (D("0.00067479"), D("0.001") - D("0.00067479"))
+    assert first.amount + second.amount == D("0.001")
+    assert summary.rejects == {"no_inventory": 1}
+    open_sells = [orjson.loads(v) for v in (await client.hgetall(KEY_OPEN_INTENTS)).values()]
+    assert sorted(D(o["amount"]) for o in open_sells) == sorted([first.amount, second.amount])
+
+
+async def test_a_sell_after_a_partial_buy_fill_sells_only_what_filled(client: redis.asyncio.Redis,
+                                                                       redis_db_url: str, tmp_path: Path) -> None:
+    partial = ExecutionReport(intent_id="buy-1", order_id="o1", market="BTC-EUR", side="buy", status="canceled",
+                              filled_amount=D("0.0002"), filled_amount_quote=D("14.8193"), fee=D(0),
+                              fee_currency="EUR", dry_run=True, ts=now_ms(),
+                              fills=(FillRecord("p1", now_ms(), D("0.0002"), D("74096.5"), D(0), "EUR", True),))
+    ledgers = Ledgers()
+    ledgers.apply(partial)
+    await client.hset(pnl_key(True), mapping=ledgers.paper.snapshot(now_ms()))  # type: ignore[arg-type]
+    await _publish(client, _signal("sell-after-partial", "BTC-EUR", "sell"))
+    await _core(Settings(parquet_dir=tmp_path), redis_db_url, limits=NO_COOLDOWN)
+    (intent,) = await _intents(client)
+    assert (intent.side, intent.amount) == ("sell", D("0.0002"))
+
+
+async def test_a_live_sell_reads_the_live_ledger_not_the_paper_one(client: redis.asyncio.Redis, redis_db_url: str,
+                                                                   tmp_path: Path) -> None:
+    await _hold(client, {"BTC-EUR": "1"}, dry_run=True)  # paper coins: no inventory for a live sell
+    await _hold(client, {}, dry_run=False)
+    await record_decision(client, decision="GO", operator="test", reason="test", decided_ms=now_ms(),
+                          valid_for_ms=3_600_000)
+    await _publish(client, _signal("live-sell", "BTC-EUR", "sell"))
+    live = Settings(parquet_dir=tmp_path, dry_run=False, bitvavo_operator_id=1)
+    summary = await _core(live, redis_db_url, limits=NO_COOLDOWN)
+    assert summary.rejects == {"no_inventory": 1}
+    await _hold(client, {"BTC-EUR": "0.0003"}, dry_run=False)
+    await _publish(client, _signal("live-sell-2", "BTC-EUR", "sell"))
+    await _core(live, redis_db_url, limits=NO_COOLDOWN)
+    (intent,) = await _intents(client)
+    assert (intent.dry_run, intent.amount) == (False, D("0.0003"))

@@ -51,7 +51,11 @@ def _judge(proposal: dict[str, Any], context: dict[str, Any], limits: dict[str, 
 
 
 def _open(n: int, market: str = "ETH-EUR", notional: str = "0") -> dict[str, OpenIntent]:
-    return {f"intent-{i}": OpenIntent(market, "buy", D(notional)) for i in range(n)}
+    return {f"intent-{i}": OpenIntent(market, "buy", D(notional), D(0)) for i in range(n)}
+
+
+def _open_sell(amount: str, market: str = "BTC-EUR") -> dict[str, OpenIntent]:
+    return {"open-sell": OpenIntent(market, "sell", D(50), D(amount))}
 
 
 GO = GateStatus(True, "GO by test")
@@ -70,8 +74,25 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], list[str]
     ("reduce-only: buy adds to a long", {}, {"state": "reduce-only", **LONG}, {}, ["trading_state"]),
     ("reduce-only: sell part of a long", SELL, {"state": "reduce-only", **LONG}, {}, []),
     ("reduce-only: sell more than the long", {**SELL, "amount": D("0.003")}, {"state": "reduce-only", **LONG}, {},
-     ["trading_state"]),
-    ("reduce-only: buy back part of a short", {}, {"state": "reduce-only", "position": D("-0.001")}, {}, []),
+     ["trading_state", "no_inventory"]),
+    ("reduce-only: sell with nothing held", SELL, {"state": "reduce-only"}, {}, ["trading_state", "no_inventory"]),
+    ("sell with nothing held", SELL, {}, {}, ["no_inventory"]),
+    ("sell larger than the position", {**SELL, "amount": D("0.003")}, LONG, {}, ["no_inventory"]),
+    ("sell exactly the position", {**SELL, "amount": D("0.002")}, LONG, {}, []),
+    ("an open sell already holds the inventory", SELL, {**LONG, "open_intents": _open_sell("0.0015")}, {},
+     ["no_inventory"]),
+    ("an open sell leaves enough for this one", SELL, {**LONG, "open_intents": _open_sell("0.001")}, {}, []),
+    ("open sells of another market do not count", SELL, {**LONG, "open_intents": _open_sell("0.002", "ETH-EUR")},
+     {}, []),
+    ("open buys are no inventory", SELL, {"open_intents": _open(1, "BTC-EUR", "50")}, {}, ["no_inventory"]),
+    ("inventory below the market's base minimum", {**SELL, "amount": D("0.0001"), "min_amount": D("0.0003")},
+     {"position": D("0.0002")}, {}, ["no_inventory", "order_minimum"]),
+    ("inventory exactly at the notional minimum", {**SELL, "amount": D("0.0001"), "notional": D(5)},
+     {"position": D("0.0001")}, {"max_notional_per_order": D(250)}, []),
+    ("inventory worth less than the notional minimum", {**SELL, "amount": D("0.00009"), "notional": D("4.5")},
+     {"position": D("0.00009")}, {}, ["no_inventory", "order_minimum"]),
+    ("unreadable position fails a sell closed", SELL, {**LONG, "unreadable": {"position": "bad"}}, {},
+     ["no_inventory", "max_exposure_market", "max_exposure_total"]),
     ("book exactly at the staleness limit", {"signal_ts": NOW - 5_000}, {}, {}, []),
     ("book 1 ms too old", {"signal_ts": NOW - 5_001}, {}, {}, ["stale_data"]),
     ("open gap for the market", {}, {"gap_open": True}, {}, ["stale_data"]),
@@ -121,6 +142,7 @@ FAIL_ONLY: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "live_gate": ({}, {"live": True}),
     "trading_state": ({}, {"state": "halted"}),
     "stale_data": ({}, {"gap_open": True}),
+    "no_inventory": ({"side": "sell"}, {}),
     "max_notional": ({"notional": D(300)}, {}),
     "max_exposure_market": ({}, {"market_exposure": D(990)}),
     "max_exposure_total": ({}, {"total_exposure": D(4990)}),
@@ -159,8 +181,8 @@ def test_a_rejection_names_measured_and_limit_values() -> None:
 
 
 @pytest.mark.parametrize(("side", "amount", "position", "reduces"), [
-    ("sell", "1", "2", True), ("sell", "2", "2", True), ("sell", "3", "2", False), ("sell", "1", "-2", False),
-    ("buy", "1", "-2", True), ("buy", "3", "-2", False), ("buy", "1", "2", False), ("buy", "1", "0", False),
+    ("sell", "1", "2", True), ("sell", "2", "2", True), ("sell", "3", "2", False), ("sell", "1", "0", False),
+    ("sell", "0", "2", False), ("buy", "1", "2", False), ("buy", "1", "0", False),
 ])
 def test_reduces_position(side: str, amount: str, position: str, reduces: bool) -> None:
     assert reduces_position(side, D(amount), D(position)) is reduces
@@ -184,15 +206,25 @@ def test_context_from_an_empty_redis_is_a_clean_slate() -> None:
 
 def test_context_reads_pnl_open_intents_gaps_and_cooldown() -> None:
     ctx = _context(kill="1", state="reduce-only",
-                   pnl=["1200.5", "-12.25", utc_date(NOW), "-0.01", "740", str(NOW - 900)],
-                   open_intents={"a": '{"market":"BTC-EUR","side":"buy","notional":"50","ts":1}',
-                                 "b": '{"market":"ETH-EUR","side":"sell","notional":"20.5","ts":2}'},
+                   pnl=["1200.5", "-12.25", utc_date(NOW), "0.01", "740", str(NOW - 900)],
+                   open_intents={"a": '{"market":"BTC-EUR","side":"buy","notional":"50","amount":"0.0007","ts":1}',
+                                 "b": '{"market":"ETH-EUR","side":"sell","notional":"20.5","amount":"0.01","ts":2}',
+                                 "c": '{"market":"BTC-EUR","side":"sell","notional":"60","amount":"0.0008","ts":3}'},
                    gap='{"kind":"nonce","since_ms":1}', last_intent=str(NOW - 10))
     assert ctx.kill and ctx.state == "reduce-only" and ctx.gap_open
     assert (ctx.total_exposure, ctx.realized_today, ctx.position, ctx.market_exposure) == (
-        D("1200.5"), D("-12.25"), D("-0.01"), D(740))
-    assert ctx.open_notional("BTC-EUR") == 50 and ctx.open_notional() == D("70.5")
+        D("1200.5"), D("-12.25"), D("0.01"), D(740))
+    assert ctx.open_notional("BTC-EUR") == 110 and ctx.open_notional() == D("130.5")
+    assert ctx.open_sells("BTC-EUR") == D("0.0008") and ctx.inventory("BTC-EUR") == D("0.0092")
     assert ctx.last_intent_ms == NOW - 10 and not ctx.unreadable
+
+
+def test_a_negative_ledger_position_or_an_open_intent_without_amount_is_unreadable() -> None:
+    ctx = _context(pnl=["0", "0", utc_date(NOW), "-0.01", "0", str(NOW)],
+                   open_intents={"old": '{"market":"BTC-EUR","side":"sell","notional":"50","ts":1}'})
+    assert set(ctx.unreadable) == {"position", "open_intents"}
+    failed = first_failure(evaluate(replace(PROPOSAL, side="sell"), ctx, LIMITS))
+    assert failed is not None and failed.guard == "no_inventory" and "unreadable" in failed.reason
 
 
 def test_realised_pnl_of_another_day_does_not_count_today() -> None:
@@ -284,7 +316,7 @@ def test_a_signal_becomes_a_marketable_limit_within_the_slippage_bound(side: str
     assert plan.notional <= 50
 
 
-def test_reduce_only_sizing_never_exceeds_the_position() -> None:
+def test_a_sell_is_sized_at_most_at_the_inventory() -> None:
     plan = size_order(_signal(side="sell"), BTC_RULES, order_notional=D(50), slippage_bps=D(10),
                       max_amount=D("0.0002"))
     assert plan.amount == D("0.0002")
