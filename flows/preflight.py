@@ -87,6 +87,7 @@ async def run_checklist(settings: Settings, url: str, *, live: bool, drill: bool
         if redis_ok:
             checks += [
                 await pf.guarded("kill switch off", pf.check_kill_switch_off(client)),
+                await pf.guarded("live ledger", pf.check_live_ledger(client, now_ms(), live=live)),
                 await pf.guarded("loops running (leases held)", pf.check_loops_running(client, loops)),
                 await pf.guarded("ingest streams fresh", pf.check_streams_fresh(
                     client, (STREAM_BOOK, STREAM_TICKER24H), int(stream_max_age_s * 1000), now)),

@@ -24,11 +24,21 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from trading.bus import KEY_KILL, KEY_KILL_DRILL, ORDERS_SHADOW, TRADING_EVENTS, as_text, decode_entry, encode_entry
+from trading.bus import (
+    KEY_KILL,
+    KEY_KILL_DRILL,
+    KEY_PNL_LIVE,
+    ORDERS_SHADOW,
+    TRADING_EVENTS,
+    as_text,
+    decode_entry,
+    encode_entry,
+)
 from trading.clock import now_ms
 from trading.lake import utc_day
 from trading.lease import LEASE_KEY_PREFIX
 from trading.redis_conn import memory_limit
+from trading.risk import PNL_MAX_AGE_MS
 
 MEMORY_LIMIT_RATIO = Decimal("0.7")
 
@@ -156,6 +166,37 @@ async def check_kill_switch_off(client: Any) -> CheckResult:
         return failed(name, "trading:kill=1: every order is blocked (run the kill-switch deployment with "
                             "enabled=false once the cause is understood)")
     return passed(name, "trading:kill is not set")
+
+
+async def check_live_ledger(client: Any, now: int, *, live: bool, max_age_ms: int = PNL_MAX_AGE_MS) -> CheckResult:
+    """The live book as the live guards will see it: positions, exposure, today's PnL, anomalies.
+
+    Live: a missing or stale `trading:pnl:live` (the PnL loop is not running) fails, since every
+    live order would be refused on it. Dry-run: shown, never failing. Anomalies are shown, not
+    failed: they are history (docs/runbooks.md#ledger-anomaly), not a state that blocks trading.
+    """
+    name = "live ledger"
+    raw = await client.hgetall(KEY_PNL_LIVE)
+    book = {as_text(k): as_text(v) for k, v in raw.items()}
+    if not book:
+        why = f"{KEY_PNL_LIVE} is not written (is the PnL loop running?)"
+        return failed(name, why) if live else skipped(name, why)
+    updated = book.get("updated_ts", "")
+    age_ms = now - int(updated) if updated.isdigit() else None
+    if age_ms is None or age_ms > max_age_ms:
+        why = (f"{KEY_PNL_LIVE} written {max(0, age_ms) / 1000:.0f}s ago (limit {max_age_ms / 1000:.0f}s): "
+               "the PnL loop is not running" if age_ms is not None else f"updated_ts {updated[:40]!r} unreadable")
+        return failed(name, why) if live else skipped(name, why)
+    held = sorted((key.removesuffix(":position"), value) for key, value in book.items()
+                  if key.endswith(":position") and value not in ("0", ""))
+    positions = ", ".join(f"{market} {amount}" for market, amount in held) or "flat"
+    detail = (f"positions: {positions}; exposure {book.get('exposure', '0')} EUR; realised today "
+              f"{book.get('realized_today', '0')} EUR; equity {book.get('equity', '0')} EUR; "
+              f"fills {book.get('fills', '0')}")
+    anomalies = book.get("anomalies", "0")
+    if anomalies not in ("0", ""):
+        detail += f"; {anomalies} ledger anomalies (docs/runbooks.md#ledger-anomaly)"
+    return passed(name, detail)
 
 
 async def check_signal_engine(client: Any, signal_stream: str, book_stream: str, max_lag: int) -> CheckResult:

@@ -8,19 +8,23 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
+import redis.asyncio
 
 from deployments.automations import upsert_automations
 from flows.maintenance import backup, lake_compaction, lake_rotation
 from flows.preflight import PreflightNoGo, preflight, run_checklist
 from tests.integration.conftest import SimHandle
 from tests.integration.stack import LOOPS, running_stack, stack_settings
-from trading.bus import KEY_KILL
+from trading.bus import KEY_KILL, KEY_PNL_LIVE
 from trading.clock import now_ms
 from trading.golive import DECISION_GO, live_gate, record_decision
-from trading.preflight import Status, Verdict
+from trading.orders import ExecutionReport, FillRecord
+from trading.pnl import Ledger
+from trading.preflight import Status, Verdict, check_live_ledger
 from trading.processes import free_port, stop_process
 from trading.redis_conn import async_client
 
@@ -72,7 +76,7 @@ async def test_preflight_go_then_no_go_for_kill_switch_stopped_loop_and_redis_do
         assert {c.name for c in verdict.checks} >= {
             "code compiles", "redis reachable, memory below 70%", "kill switch off", "loops running (leases held)",
             "ingest streams fresh", "signal engine producing", "kill-switch drill", "metrics endpoints",
-            "lake writable, space, today growing", "automations and a worker", "last backup restores"}
+            "lake writable, space, today growing", "automations and a worker", "last backup restores", "live ledger"}
         assert await stack.client.get(KEY_KILL) is None  # the drill put the switch back
 
         await stack.client.set(KEY_KILL, "1")
@@ -106,3 +110,23 @@ async def test_a_no_go_preflight_run_fails_and_closes_the_live_gate(
         assert not gate.open and "NO-GO" in gate.reason
     finally:
         await client.aclose()
+
+
+async def test_the_checklist_shows_the_live_ledger_and_fails_live_without_a_fresh_one(
+        client: redis.asyncio.Redis) -> None:
+    now = now_ms()
+    for live in (True, False):  # nothing written: live fails, dry-run only says so
+        result = await check_live_ledger(client, now, live=live)
+        assert result.status is (Status.FAIL if live else Status.SKIP)
+        assert "trading:pnl:live is not written" in result.detail
+    ledger = Ledger()
+    ledger.apply(ExecutionReport(
+        intent_id="i1", order_id="o1", market="BTC-EUR", side="buy", status="filled", filled_amount=Decimal("0.01"),
+        filled_amount_quote=Decimal("700"), fee=Decimal("1.75"), fee_currency="EUR", dry_run=False, ts=now,
+        fills=(FillRecord("f1", now, Decimal("0.01"), Decimal("70000"), Decimal("1.75"), "EUR", True),)))
+    await client.hset(KEY_PNL_LIVE, mapping=ledger.snapshot(now))  # type: ignore[arg-type]
+    result = await check_live_ledger(client, now + 1_000, live=True)
+    assert result.status is Status.PASS
+    assert result.detail.startswith("positions: BTC-EUR 0.01; exposure 700 EUR; realised today -1.75 EUR")
+    stale = await check_live_ledger(client, now + 60_000, live=True)
+    assert stale.status is Status.FAIL and "the PnL loop is not running" in stale.detail
