@@ -41,7 +41,7 @@ def latest_table(key: str) -> list[dict[str, Any]]:
 def fill_redis(client: redis.Redis) -> None:
     client.xadd("bitvavo:book", {"market": "BTC-EUR", "bid": "75516.1", "ask": "75517.3"})
     client.xadd("bitvavo:book", {"market": "ETH-EUR", "bid": "2512.01", "ask": "2512.5"})
-    client.hset("trading:pnl", mapping={"realized": "12.5", "fees": "0.31"})
+    client.hset("trading:pnl:paper", mapping={"realized": "12.5", "fees": "0.31"})
     client.set("trading:kill", "0", px=3_600_000)
 
 
@@ -160,7 +160,7 @@ def test_backup_flow_backs_up_lake_decisions_and_redis_and_restores_them(
         try:
             assert target.dbsize() == 0  # the restore check left the scratch DB as it found it
             assert restore_snapshot(backup_dir, target) == 3
-            for key in (b"bitvavo:book", b"trading:pnl", b"trading:kill"):
+            for key in (b"bitvavo:book", b"trading:pnl:paper", b"trading:kill"):
                 assert target.dump(key) == source.dump(key), key  # byte-identical values
             assert 0 < target.pttl("trading:kill") <= 3_600_000
         finally:

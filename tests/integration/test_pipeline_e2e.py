@@ -1,4 +1,4 @@
-"""Dry-run end to end on the simulator: ticks → signals → intents → paper executions → trading:pnl.
+"""Dry-run end to end on the simulator: ticks → signals → intents → paper executions → trading:pnl:paper.
 
 The PnL the orchestrator publishes is compared with a ledger this test computes itself from
 the fills in `orders:executed` (average cost, fees in EUR), so the two implementations must
@@ -16,7 +16,15 @@ import orjson
 
 from tests.integration.conftest import SimHandle
 from tests.integration.stack import running_stack, stack_settings
-from trading.bus import EXECUTION_SCHEMA, INTENT_SCHEMA, KEY_PNL, ORDERS_EXECUTED, ORDERS_SHADOW, decode_entry
+from trading.bus import (
+    EXECUTION_SCHEMA,
+    INTENT_SCHEMA,
+    KEY_PNL_LIVE,
+    KEY_PNL_PAPER,
+    ORDERS_EXECUTED,
+    ORDERS_SHADOW,
+    decode_entry,
+)
 
 D = Decimal
 
@@ -52,7 +60,7 @@ async def test_signals_become_paper_executions_and_the_pnl_matches_an_independen
         client = stack.client
         async with asyncio.timeout(60):
             while True:
-                pnl = await client.hgetall(KEY_PNL)
+                pnl = await client.hgetall(KEY_PNL_PAPER)
                 if int(pnl.get("fills", "0")) >= 3:
                     break
                 await asyncio.sleep(0.5)
@@ -61,8 +69,11 @@ async def test_signals_become_paper_executions_and_the_pnl_matches_an_independen
         executions = [decode_entry(f, EXECUTION_SCHEMA) for _id, f in await client.xrange(ORDERS_EXECUTED)]
         intents = {f["intent_id"]: decode_entry(f, INTENT_SCHEMA) for _id, f in await client.xrange(ORDERS_SHADOW)}
         signal_ids = {f["signal_id"] for _id, f in await client.xrange(settings.signal_stream)}
-        pnl = await client.hgetall(KEY_PNL)
+        pnl = await client.hgetall(KEY_PNL_PAPER)
+        live_book = await client.hgetall(KEY_PNL_LIVE)
 
+    assert live_book["fills"] == "0"  # paper fills never reach the live book
+    assert pnl["anomalies"] == "0"  # spot: no sell went beyond what the paper book held
     assert executions, "no paper executions"
     for execution in executions:  # every execution traces back to an intent and its signal
         intent = intents[execution["intent_id"]]
