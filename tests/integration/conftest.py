@@ -99,6 +99,10 @@ class SimHandle:
     def hang_next(self, count: int = 1, seconds: float = 30.0, execute: bool = False) -> None:
         self.control(rest_timeouts={"count": count, "seconds": seconds, "execute": execute})
 
+    def delay_next(self, count: int = 1, seconds: float = 2.0) -> None:
+        """The next `count` REST calls are executed and answered `seconds` late."""
+        self.control(rest_delays={"count": count, "seconds": seconds})
+
     def reset_rate_limits(self) -> None:
         self.control(reset_rate_limits=True)
 

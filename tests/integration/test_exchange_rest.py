@@ -13,6 +13,8 @@ from pydantic import SecretStr
 from python_bitvavo_api.bitvavo import Bitvavo
 
 from tests.integration.conftest import SimHandle
+from trading.exchange import rest as rest_module
+from trading.exchange.clock_sync import ClockSyncError
 from trading.exchange.errors import (
     AuthenticationError,
     InsufficientBalanceError,
@@ -191,3 +193,46 @@ def test_withdrawal_right_is_probed_without_moving_funds(sim_factory: Callable[.
         assert rest.balance() == balances_before
     finally:
         rest.close()
+
+
+# -- the clock offset (docs/exchange-client.md) ------------------------------------------------------
+
+def test_hung_and_slow_time_calls_at_start_never_poison_the_offset(sim: SimHandle) -> None:
+    rest = client(sim, timeout_s=5.0)
+    # Two /time calls hang (past the 2 s sample timeout) and one answers 1.5 s late: none can justify
+    # an offset. The old single retried call would have measured about -2.5 s here.
+    sim.hang_next(2, seconds=3.0, execute=True)
+    sim.delay_next(1, seconds=1.5)
+    offset = rest.sync_clock()
+    assert abs(offset) < 200 and rest.clock_rtt_ms is not None and rest.clock_rtt_ms < 1_000
+    assert {row["symbol"] for row in rest.balance()} >= {"EUR"}  # signed calls go through
+
+
+def test_with_no_trustworthy_sample_the_previous_offset_stays(sim: SimHandle) -> None:
+    rest = client(sim)
+    good = rest.sync_clock()
+    sim.delay_next(3, seconds=1.2)
+    with pytest.raises(ClockSyncError, match="no /time sample within 1000 ms"):
+        rest.sync_clock(samples=3)
+    assert rest.clock_offset_ms == good
+
+
+def test_a_304_re_measures_the_clock_and_the_refused_call_is_sent_once_more(sim: SimHandle) -> None:
+    rest = client(sim)
+    rest.sync_clock()
+    rest.clock_offset_ms = 20_000  # as if a bad measurement had slipped through: every signed call gets 304
+    sim.hang_next(2, seconds=3.0)  # and the re-measure meets hung /time calls mid-run
+    price = below_best_bid(rest, "BTC-EUR")
+    order = rest.place_order("BTC-EUR", "buy", "limit", amount=Decimal("0.001"), price=price)
+    assert order.status == "new" and abs(rest.clock_offset_ms) < 200
+    assert [o.order_id for o in rest.open_orders("BTC-EUR")].count(order.order_id) == 1  # sent once, not twice
+    rest.cancel_order("BTC-EUR", order_id=order.order_id)
+
+
+def test_the_offset_is_re_measured_periodically(sim: SimHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    rest = client(sim)
+    rest.sync_clock()
+    rest.clock_offset_ms = 3_000  # drifted, but still inside the 10 s window: no 304 to tell
+    monkeypatch.setattr(rest_module, "CLOCK_RESYNC_S", 0.0)
+    rest.balance()
+    assert abs(rest.clock_offset_ms) < 200

@@ -11,10 +11,16 @@ replaces `publicRequest`/`privateRequest`, so every call here:
 
 Order calls always carry `operatorId` and a UUID `clientOrderId`. A timeout or 5xx on an order
 call raises `OutcomeUncertainError`: look the order up by clientOrderId, never resend blindly.
+
+The clock offset used for signing is measured by `sync_clock` (the rule is in `clock_sync.py`);
+once measured, again every `CLOCK_RESYNC_S` before a signed call, and after a 304 ("not received within the
+access window"): a 304 means the request was not executed, so the call is retried once after
+re-measuring, and a 304 never outlives the next good measurement.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import uuid
@@ -30,6 +36,16 @@ from python_bitvavo_api.bitvavo import Bitvavo, createPostfix
 
 from trading.clock import now_ms
 from trading.decimals import format_decimal
+from trading.exchange.clock_sync import (
+    CLOCK_GOOD_SAMPLES,
+    CLOCK_MAX_RTT_MS,
+    CLOCK_RESYNC_S,
+    CLOCK_SAMPLE_TIMEOUT_S,
+    CLOCK_SAMPLES,
+    ClockSample,
+    ClockSyncError,
+    best_sample,
+)
 from trading.exchange.errors import (
     BitvavoError,
     ExchangeUnavailableError,
@@ -42,7 +58,10 @@ from trading.exchange.models import BookSnapshot, Candle, Order, PayloadError
 from trading.exchange.signing import compact_body, signature
 from trading.exchange.weights import rest_template, rest_weight
 
+log = logging.getLogger(__name__)
+
 JsonBody = dict[str, Any] | list[Any]
+_NOT_IN_ACCESS_WINDOW = 304
 _TRANSIENT_CODES = frozenset({101, 107, 108, 109, 111})
 _CRITICAL_PATHS = frozenset({("DELETE", "/order"), ("DELETE", "/orders")})
 
@@ -113,6 +132,8 @@ class BitvavoRest:
         self.max_retries = max_retries
         self.retry_base_s = retry_base_s
         self.clock_offset_ms = 0
+        self.clock_rtt_ms: int | None = None  # round trip of the sample the offset came from; None: never measured
+        self._clock_measured_at: float | None = None  # time.monotonic()
         self._path_prefix = urlsplit(self.rest_url).path  # "/v2"
         self._session = requests.Session()
         self.sdk = _GovernedSdk(self, {"RESTURL": self.rest_url, "ACCESSWINDOW": access_window_ms})
@@ -135,7 +156,10 @@ class BitvavoRest:
         critical = (method, template) in _CRITICAL_PATHS
         if private and self._api_key is None:
             raise BitvavoError(300, "Authentication is required for this endpoint (no API key configured).")
+        if private and self._clock_due():
+            self._resync_quietly("due")
         attempt = 0
+        resynced = False
         while True:
             self.governor.acquire(weight, critical=critical)
             try:
@@ -143,13 +167,21 @@ class BitvavoRest:
             except (OutcomeUncertainError, ExchangeUnavailableError):
                 if method != "GET" or attempt >= self.max_retries:
                     raise
+            except BitvavoError as exc:
+                # 304: not executed (outside the access window), so even an order may be sent again, once,
+                # with a freshly measured offset.
+                if exc.error_code != _NOT_IN_ACCESS_WINDOW or resynced or not self._resync_quietly("304"):
+                    raise
+                resynced = True
+                continue
             attempt += 1
             time.sleep(min(self.retry_base_s * 2 ** (attempt - 1), 5.0) * (0.5 + random.random()))
 
-    def _send_once(self, method: str, path_with_query: str, body: dict[str, Any] | None) -> Any:
+    def _send_once(self, method: str, path_with_query: str, body: dict[str, Any] | None, *,
+                   timeout_s: float | None = None, signed: bool = True) -> Any:
         payload = compact_body(body)
         headers = {"Content-Type": "application/json"} if payload else {}
-        if self._api_key is not None and self._api_secret is not None:
+        if signed and self._api_key is not None and self._api_secret is not None:
             timestamp = now_ms() + self.clock_offset_ms
             headers.update({
                 "Bitvavo-Access-Key": self._api_key.get_secret_value(),
@@ -161,9 +193,10 @@ class BitvavoRest:
         url = self.rest_url + path_with_query
         try:
             response = self._session.request(method, url, data=payload.encode() if payload else None,
-                                             headers=headers, timeout=self.timeout_s)
+                                             headers=headers, timeout=timeout_s or self.timeout_s)
         except requests.Timeout:
-            raise OutcomeUncertainError(109, f"{method} {path_with_query} timed out after {self.timeout_s}s") from None
+            raise OutcomeUncertainError(109, f"{method} {path_with_query} timed out after "
+                                             f"{timeout_s or self.timeout_s}s") from None
         except requests.RequestException as exc:
             # Connection refused or reset, a reply cut off mid-body...: the request may have been executed.
             raise OutcomeUncertainError(101, f"{method} {path_with_query}: {type(exc).__name__}: {exc}") from None
@@ -188,13 +221,59 @@ class BitvavoRest:
 
     # public ------------------------------------------------------------------------------------
 
-    def sync_clock(self) -> int:
-        """Measure the offset to the exchange clock (used for signing); returns it in ms."""
-        before = now_ms()
-        server = int(self.sdk.time()["time"])
-        after = now_ms()
-        self.clock_offset_ms = server - (before + after) // 2
+    def sync_clock(self, *, samples: int = CLOCK_SAMPLES, max_rtt_ms: int = CLOCK_MAX_RTT_MS) -> int:
+        """Measure the offset to the exchange clock (used for signing) from up to `samples` `/time`
+        calls, each sent once (no retry), keeping the fastest within `max_rtt_ms`; returns it in ms.
+
+        `ClockSyncError` when no sample qualifies: the previous offset stays.
+        """
+        taken: list[ClockSample] = []
+        failures: list[str] = []
+        for _ in range(samples):
+            self.governor.acquire(rest_weight("GET", "/time", {}))
+            sent = now_ms()
+            try:
+                # Unsigned: a signature made with the offset being replaced could itself be refused (304).
+                reply = self._send_once("GET", "/time", None, timeout_s=min(self.timeout_s, CLOCK_SAMPLE_TIMEOUT_S),
+                                        signed=False)
+                received = now_ms()
+                server = reply["time"]
+                if not isinstance(server, int) or isinstance(server, bool):
+                    raise PayloadError(f"/time: 'time' is not an integer: {server!r}")
+            except (BitvavoError, PayloadError, KeyError, TypeError) as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+                continue
+            taken.append(ClockSample(sent, received, server))
+            if sum(1 for s in taken if s.rtt_ms <= max_rtt_ms) >= CLOCK_GOOD_SAMPLES:
+                break
+        best = best_sample(taken, max_rtt_ms)
+        if best is None:
+            slowest = ", ".join(f"{s.rtt_ms} ms" for s in taken) or "none answered"
+            raise ClockSyncError(111, f"clock sync: no /time sample within {max_rtt_ms} ms round trip "
+                                      f"(round trips: {slowest}; errors: {'; '.join(failures[:3]) or 'none'}); "
+                                      f"keeping offset {self.clock_offset_ms} ms")
+        self.clock_offset_ms = best.offset_ms
+        self.clock_rtt_ms = best.rtt_ms
+        self._clock_measured_at = time.monotonic()
         return self.clock_offset_ms
+
+    def _clock_due(self) -> bool:
+        # Only a client that measured once keeps measuring: the others sign with our own clock (offset 0).
+        return self._clock_measured_at is not None and time.monotonic() - self._clock_measured_at >= CLOCK_RESYNC_S
+
+    def _resync_quietly(self, why: str) -> bool:
+        """Re-measure the offset; a failure is logged and the old offset kept. True when measured."""
+        before = self.clock_offset_ms
+        try:
+            self.sync_clock()
+        except ClockSyncError as exc:
+            self._clock_measured_at = time.monotonic()  # not again on every call: the next try is a period away
+            log.warning("exchange clock re-measure (%s) failed: %s", why, exc)
+            return False
+        if abs(self.clock_offset_ms - before) > 100 or why == "304":
+            log.info("exchange clock re-measured (%s): offset %d ms (was %d ms, round trip %s ms)", why,
+                     self.clock_offset_ms, before, self.clock_rtt_ms)
+        return True
 
     def time(self) -> dict[str, int]:
         return cast(dict[str, int], self.sdk.time())

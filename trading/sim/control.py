@@ -82,6 +82,7 @@ class Control:
             "market_status": self._market_status,
             "rest_errors": self._rest_errors,
             "rest_timeouts": self._rest_timeouts,
+            "rest_delays": self._rest_delays,
             "rate_limit": self._rate_limit,
             "reset_rate_limits": self._reset_rate_limits,
             "api_key_state": self._api_key_state,
@@ -135,6 +136,11 @@ class Control:
         self.exchange.faults.add_rest_timeouts(_count(spec.get("count", 1), "rest_timeouts.count"),
                                                _number(spec.get("seconds", 30), "rest_timeouts.seconds"),
                                                bool(spec.get("execute", False)))
+
+    def _rest_delays(self, value: Any) -> None:
+        spec = _object(value, "rest_delays")
+        self.exchange.faults.add_rest_delays(_count(spec.get("count", 1), "rest_delays.count"),
+                                             _number(spec.get("seconds", 2), "rest_delays.seconds"))
 
     def _rate_limit(self, value: Any) -> None:
         spec = _object(value, "rate_limit")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class RestFault:
-    kind: str  # "error" (JSON error reply) or "timeout" (hang, then close the connection)
+    kind: str  # "error" (JSON error reply), "timeout" (hang, then close the connection) or "delay" (a late answer)
     execute: bool
     error_code: int = 0
     hang_seconds: float = 0.0
@@ -35,6 +35,9 @@ class Faults:
 
     def add_rest_timeouts(self, count: int, hang_seconds: float, execute: bool) -> None:
         self._rest.append(_Pending(count, RestFault("timeout", execute, hang_seconds=hang_seconds)))
+
+    def add_rest_delays(self, count: int, seconds: float) -> None:
+        self._rest.append(_Pending(count, RestFault("delay", True, hang_seconds=seconds)))
 
     def take_rest_fault(self) -> RestFault | None:
         """The fault for this call, if any (queued faults apply in the order they were set)."""

@@ -113,6 +113,10 @@ class RestHandler:
 
     async def _inject(self, request: web.Request, fault: RestFault, endpoint: Endpoint,
                       params: dict[str, Any], rate: RateStatus) -> web.StreamResponse:
+        if fault.kind == "delay":  # answered as usual, the answer held back on its way: a slow round trip
+            response = self._run(endpoint, params, rate)
+            await asyncio.sleep(fault.hang_seconds)
+            return response
         if fault.execute:
             self._run(endpoint, params, rate)
         if fault.kind == "error":
