@@ -146,3 +146,16 @@ def test_cli_prints_the_document() -> None:
                             text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout == render_markdown(catalogue())
+
+
+def test_pnl_ledger_families_are_labelled_by_mode() -> None:
+    families = {f.name: f for f in catalogue().families["pnl"]}
+    for name in ("realized", "realized_fifo", "unrealized", "fees", "equity", "realized_today", "exposure"):
+        assert families[f"trader_pnl_{name}_eur"].labels == ("mode",), name
+    for name in ("trader_pnl_market_exposure_eur", "trader_pnl_position", "trader_pnl_mark_from_last_fill"):
+        assert families[name].labels == ("mode", "market"), name
+    assert families["trader_pnl_fills_applied_total"].labels == ("mode",)
+    assert families["trader_pnl_ledger_fills"].labels == ("mode",)
+    assert (families["trader_pnl_anomalies_total"].type, families["trader_pnl_anomalies_total"].labels) \
+        == ("counter", ("mode", "market"))
+    assert families["trader_pnl_last_update_age_seconds"].labels == ()  # one write covers both hashes
