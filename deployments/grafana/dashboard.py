@@ -4,8 +4,10 @@
 
 Import the JSON in Grafana (Dashboards → New → Import) and pick the Prometheus data source that
 scrapes `deployments/prometheus/prometheus.yml`. Rows: feed health, signals, orders, PnL and
-exposure, ops. `tests/unit/test_dashboard.py` checks that the committed JSON is what this module
-builds and that every query reads only series listed in docs/metrics.md.
+exposure, ops. The PnL row shows the paper and live ledgers side by side (legend `{{mode}}`); the
+`mode` variable (default all) narrows it to one. `tests/unit/test_dashboard.py` checks that the
+committed JSON is what this module builds and that every query reads only series listed in
+docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ OUTPUT = Path(__file__).with_name("trading-stack.json")
 UID = "trading-stack"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 MARKET = 'market=~"$market"'
+MODE = 'mode=~"$mode"'
 RATE = "$__rate_interval"
 # The jobs of this stack: `up` on a shared Prometheus also has other targets.
 JOBS = 'job=~"' + "|".join(job.name for job in catalogue().jobs) + '"'
@@ -160,35 +163,53 @@ def orders() -> list[Any]:
 
 
 def pnl() -> list[Any]:
+    # Paper and live are two ledgers: every figure is per mode, never summed across them.
+    def by_mode(metric: str) -> str:
+        return f"sum by (mode) ({metric}{{{MODE}}})"
+
+    def by_market(aggregation: str, metric: str) -> str:
+        return f"{aggregation} by (mode, market) ({metric}{{{MODE}, {MARKET}}})"
+
+    # A market's anomaly counter appears at its first anomaly already at 1, which increase() does
+    # not see; a series absent one interval earlier counts as that first anomaly.
+    anomalies = f"trader_pnl_anomalies_total{{{MODE}, {MARKET}}}"
     return [
-        single("Equity", "realized - fees + unrealized (EUR)", "currencyEUR", ("sum(trader_pnl_equity_eur)", "equity"),
-               steps=[(None, "red"), (0, "green")]),
-        single("Realised today", "Realised PnL of today's fills minus their fees (UTC day)", "currencyEUR",
-               ("sum(trader_pnl_realized_today_eur)", "today"), steps=[(None, "red"), (-200, "orange"), (0, "green")]),
-        single("Unrealised", "At the marks, average cost", "currencyEUR",
-               ("sum(trader_pnl_unrealized_eur)", "unrealized"), steps=[(None, "red"), (0, "green")]),
-        single("Fees", "Fees paid, rebates deducted", "currencyEUR", ("sum(trader_pnl_fees_eur)", "fees"),
-               steps=[(None, "blue")]),
-        single("Exposure", "Sum over markets of |position| x mark (MAX_EXPOSURE_TOTAL_EUR default 5000)",
-               "currencyEUR", ("sum(trader_pnl_exposure_eur)", "exposure"),
+        single("Equity", "realized - fees + unrealized (EUR), per ledger", "currencyEUR",
+               (by_mode("trader_pnl_equity_eur"), "{{mode}}"), steps=[(None, "red"), (0, "green")]),
+        single("Realised today", "Realised PnL of today's fills minus their fees (UTC day), per ledger",
+               "currencyEUR", (by_mode("trader_pnl_realized_today_eur"), "{{mode}}"),
+               steps=[(None, "red"), (-200, "orange"), (0, "green")]),
+        single("Unrealised", "At the marks, average cost, per ledger", "currencyEUR",
+               (by_mode("trader_pnl_unrealized_eur"), "{{mode}}"), steps=[(None, "red"), (0, "green")]),
+        single("Fees", "Fees paid, rebates deducted, per ledger", "currencyEUR",
+               (by_mode("trader_pnl_fees_eur"), "{{mode}}"), steps=[(None, "blue")]),
+        single("Exposure", "Sum over markets of position x mark, per ledger (MAX_EXPOSURE_TOTAL_EUR default 5000 "
+               "applies to each)", "currencyEUR", (by_mode("trader_pnl_exposure_eur"), "{{mode}}"),
                steps=[(None, "green"), (4000, "orange"), (5000, "red")]),
-        single("PnL age", "Seconds since trading:pnl was written; alert PnlStale", "s",
-               ("max(trader_pnl_last_update_age_seconds)", "age"), steps=[(None, "green"), (120, "red")]),
-        graph("PnL", "Equity, realised (average cost and FIFO), unrealised, fees", "currencyEUR",
-              ("sum(trader_pnl_equity_eur)", "equity"), ("sum(trader_pnl_realized_eur)", "realized"),
-              ("sum(trader_pnl_realized_fifo_eur)", "realized FIFO"), ("sum(trader_pnl_unrealized_eur)", "unrealized"),
-              ("sum(trader_pnl_fees_eur)", "fees"), width=12),
-        graph("Exposure by market", "|position| x mark per market", "currencyEUR",
-              (f"sum by (market) (trader_pnl_market_exposure_eur{{{MARKET}}})", "{{market}}"), width=12),
-        graph("Positions", "Signed position in the base asset", "short",
-              (f"sum by (market) (trader_pnl_position{{{MARKET}}})", "{{market}}")),
+        single("PnL age", "Seconds since the ledger hashes trading:pnl:paper and trading:pnl:live were written; "
+               "alert PnlStale", "s", ("max(trader_pnl_last_update_age_seconds)", "age"),
+               steps=[(None, "green"), (120, "red")]),
+        graph("PnL", "Equity, realised (average cost and FIFO), unrealised, fees, per ledger", "currencyEUR",
+              (by_mode("trader_pnl_equity_eur"), "equity {{mode}}"),
+              (by_mode("trader_pnl_realized_eur"), "realized {{mode}}"),
+              (by_mode("trader_pnl_realized_fifo_eur"), "realized FIFO {{mode}}"),
+              (by_mode("trader_pnl_unrealized_eur"), "unrealized {{mode}}"),
+              (by_mode("trader_pnl_fees_eur"), "fees {{mode}}"), width=12),
+        graph("Exposure by market", "position x mark per ledger and market", "currencyEUR",
+              (by_market("sum", "trader_pnl_market_exposure_eur"), "{{mode}} {{market}}"), width=12),
+        graph("Positions", "Position in the base asset per ledger (spot: never below zero)", "short",
+              (by_market("sum", "trader_pnl_position"), "{{mode}} {{market}}"), width=6),
         graph("Marks from the last fill", "1 while a market has no book mark and is valued at its last fill",
-              "short", (f"max by (market) (trader_pnl_mark_from_last_fill{{{MARKET}}})", "{{market}}")),
-        graph("Ledger", "Fills booked, duplicates skipped, unusable book entries", "short",
-              (f"sum(increase(trader_pnl_fills_applied_total[{RATE}]))", "fills booked"),
+              "short", (by_market("max", "trader_pnl_mark_from_last_fill"), "{{mode}} {{market}}"), width=6),
+        graph("Ledger", "Fills booked per ledger, duplicates skipped, unusable book entries", "short",
+              (f"sum by (mode) (increase(trader_pnl_fills_applied_total{{{MODE}}}[{RATE}]))", "fills booked {{mode}}"),
               (f"sum(increase(trader_pnl_duplicate_fills_total[{RATE}]))", "duplicates"),
               (f"sum(increase(trader_pnl_bad_book_entries_total[{RATE}]))", "bad book entries"),
-              (f"sum(increase(trader_pnl_snapshot_errors_total[{RATE}]))", "lake snapshot errors")),
+              (f"sum(increase(trader_pnl_snapshot_errors_total[{RATE}]))", "lake snapshot errors"), width=6),
+        graph("Ledger anomalies", "Sell fills beyond the ledger's position (coins the bot did not hold), not "
+              "booked; alert LedgerAnomaly, runbook docs/runbooks.md#ledger-anomaly", "short",
+              (f"sum by (mode, market) (increase({anomalies}[{RATE}]) or ({anomalies} unless {anomalies} "
+               f"offset {RATE}))", "{{mode}} {{market}}"), width=6),
     ]
 
 
@@ -230,6 +251,9 @@ ROWS = (("Feed health", feed_health), ("Signals", signals), ("Orders", orders), 
         ("Ops", ops))
 
 
+_ALL = VariableOption(selected=True, text="All", value="$__all")
+
+
 def build() -> db.Dashboard:
     board = (db.Dashboard("Trading stack").uid(UID).tags(["trading", "bitvavo", "generated"])
              .description("Generated by deployments/grafana/dashboard.py; metrics: docs/metrics.md")
@@ -239,7 +263,11 @@ def build() -> db.Dashboard:
                             .query("label_values(ingest_messages_total, market)")
                             .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.ALPHABETICAL_ASC)
                             .multi(True).include_all(True).all_value(".*")
-                            .current(VariableOption(selected=True, text="All", value="$__all"))))
+                            .current(_ALL))
+             .with_variable(db.CustomVariable("mode").label("Ledger").values("paper,live")
+                            .multi(True).include_all(True).all_value(".*").current(_ALL)
+                            .options([_ALL, *(VariableOption(selected=False, text=mode, value=mode)
+                                              for mode in ("paper", "live"))])))
     for title, panels in ROWS:
         board = board.with_row(db.Row(title))
         for panel in panels():

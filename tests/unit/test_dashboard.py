@@ -97,3 +97,31 @@ def test_market_filter_and_datasource_variables(board: dict[str, Any]) -> None:
     assert variables["datasource"]["query"] == "prometheus"
     assert variables["market"]["includeAll"] and variables["market"]["allValue"] == ".*"
     assert any('market=~"$market"' in expr for _where, expr in queries(board))
+
+
+def test_ledger_panels_show_each_mode_and_follow_the_mode_filter(board: dict[str, Any]) -> None:
+    labelled = {family.base for family in catalogue().families["pnl"] if "mode" in family.labels}
+    assert {"trader_pnl_equity_eur", "trader_pnl_anomalies"} <= labelled
+    found = 0
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            if any(re.search(rf"\b{name}(_total)?\b", target["expr"]) for name in labelled):
+                found += 1
+                assert 'mode=~"$mode"' in target["expr"], f"{panel['title']}: {target['expr']}"
+                assert re.search(r"by \(mode\b", target["expr"]), f"{panel['title']}: not grouped by mode"
+                assert "{{mode}}" in target["legendFormat"], panel["title"]
+    assert found >= 12
+
+
+def test_ledger_anomalies_panel_per_mode_and_market(board: dict[str, Any]) -> None:
+    (panel,) = [p for p in panels_by_row(board)["PnL and exposure"] if p["title"] == "Ledger anomalies"]
+    (target,) = panel["targets"]
+    assert "sum by (mode, market) (increase(trader_pnl_anomalies_total{" in target["expr"]
+    assert target["legendFormat"] == "{{mode}} {{market}}"
+
+
+def test_mode_filter_defaults_to_both_ledgers(board: dict[str, Any]) -> None:
+    variable = {v["name"]: v for v in board["templating"]["list"]}["mode"]
+    assert variable["type"] == "custom" and variable["query"] == "paper,live"
+    assert variable["includeAll"] and variable["allValue"] == ".*" and variable["current"]["value"] == "$__all"
+    assert [option["value"] for option in variable["options"]] == ["$__all", "paper", "live"]
