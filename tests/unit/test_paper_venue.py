@@ -90,7 +90,7 @@ async def test_ioc_buy_walks_the_book_fills_partially_and_pays_taker_fees() -> N
     assert report.fee == D("0.76") and sum(f.fee for f in report.fills) == D("0.76")
     assert report.fee_currency == "EUR" and report.dry_run and report.final
     assert report.avg_price == D("302") / D("3")
-    assert [f.fill_id for f in report.fills] == [paper_fill_id(intent.intent_id, 0), paper_fill_id(intent.intent_id, 1)]
+    assert [f.fill_id for f in report.fills] == [paper_fill_id(report.order_id, 0), paper_fill_id(report.order_id, 1)]
     balances = venue.engine.balances(PAPER_ACCOUNT)
     assert balances["BTC"].available == D("3") and balances["EUR"].available == D("10000") - D("302.76")
     # The liquidity it took stays taken in the mirror until the exchange updates those levels.
@@ -127,12 +127,12 @@ async def test_gtc_limit_rests_then_fills_as_maker_when_the_book_crosses_it() ->
     [fill] = partial.fills
     assert (fill.price, fill.amount, fill.taker) == (D("99"), D("1.5"), False)
     assert fill.fee == ceil_to(D("148.5") * D("1.0015"), 2) - D("148.5")  # maker 0.15 %
-    assert fill.fill_id == paper_fill_id(intent.intent_id, 0)
+    assert fill.fill_id == paper_fill_id(accepted.order_id, 0)
 
     _update(venue, 13, asks=[["99", "3"]])
     [filled] = await venue.poll()
     assert filled.status == "filled" and filled.final and filled.filled_amount == D("2")
-    assert [f.fill_id for f in filled.fills] == [paper_fill_id(intent.intent_id, 1)]
+    assert [f.fill_id for f in filled.fills] == [paper_fill_id(accepted.order_id, 1)]
     assert filled.fee == ceil_to(D("198") * D("1.0015"), 2) - D("198")  # cumulative, like one fill
     assert venue.open_orders == 0 and await venue.poll() == []
 
@@ -200,6 +200,19 @@ async def test_the_same_intent_again_returns_its_order_with_every_fill() -> None
     assert again.order_id == first.order_id and again.fills == first.fills
     assert again.status == first.status == "partiallyFilled"
     assert venue.engine.balances(PAPER_ACCOUNT)["BTC"].available == D("2")  # executed once
+
+
+async def test_an_intent_executed_again_after_a_crash_gets_new_fill_ids() -> None:
+    """The first execution died with its process; the second fills at other prices: never under the same ids."""
+    intent = _intent(tif="IOC", amount="1", price="101")
+    crashed = await _venue()
+    _snapshot(crashed, 1, bids=[("98", "1")], asks=[("100", "1")])
+    [lost] = await crashed.submit(intent)
+    restarted = await _venue()
+    _snapshot(restarted, 2, bids=[("98", "1")], asks=[("101", "1")])
+    [recorded] = await restarted.submit(intent)
+    assert [f.price for f in lost.fills] == [D("100")] and [f.price for f in recorded.fills] == [D("101")]
+    assert {f.fill_id for f in lost.fills}.isdisjoint(f.fill_id for f in recorded.fills)
 
 
 async def test_balances_and_fees_are_parameters_and_validated() -> None:

@@ -70,9 +70,11 @@ CLOSE_WAIT_S = 5.0  # how often books that are not live are asked for again
 _LIVE_STATUSES = frozenset({"new", "partiallyFilled", "awaitingTrigger", "filled", "canceled"})
 
 
-def paper_fill_id(intent_id: str, index: int) -> str:
-    """The n-th fill of an intent's paper order: the same after a re-execution, so readers dedupe."""
-    return str(uuid.uuid5(_FILL_NAMESPACE, f"{intent_id}:{index}"))
+def paper_fill_id(order_id: str, index: int) -> str:
+    """The n-th fill of one paper order. Reporting the order again gives the same ids (readers dedupe);
+    executing its intent again after a crash places a new order (a new uuid4 order id), whose fills,
+    at other prices maybe, get new ids: a fill id never names two different fills."""
+    return str(uuid.uuid5(_FILL_NAMESPACE, f"{order_id}:{index}"))
 
 
 def contract_status(engine_status: str) -> tuple[str, str | None]:
@@ -369,7 +371,7 @@ class PaperVenue:
         if not force and not new_fills and status == last_status:
             return None
         intent_id = order.client_order_id or ""
-        fills = tuple(FillRecord(fill_id=paper_fill_id(intent_id, seen + offset), ts=fill.timestamp,
+        fills = tuple(FillRecord(fill_id=paper_fill_id(order.order_id, seen + offset), ts=fill.timestamp,
                                  amount=fill.amount, price=fill.price, fee=fill.fee,
                                  fee_currency=fill.fee_currency, taker=fill.taker)
                       for offset, fill in enumerate(new_fills))
