@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
@@ -33,8 +33,9 @@ from trading.exchange.rest import BitvavoRest
 from trading.execution.executor import LAKE_CHANNEL, ExecutorSummary, run_executor
 from trading.execution.paper import KEY_PAPER_OPEN, RESTART_REASON, PaperVenue
 from trading.kill_switch import set_kill_switch
-from trading.lake import LakeWriteError, channel_files, read_jsonl, utc_day
+from trading.lake import LakeWriteError, LakeWriter, channel_files, read_jsonl, utc_day
 from trading.orders import ExecutionReport, Intent
+from trading.pnl_orchestrator import rebuild_from_lake, rebuild_from_stream
 from trading.processes import free_port
 from trading.redis_conn import async_client
 
@@ -372,7 +373,16 @@ async def test_resting_paper_orders_are_closed_as_canceled_on_restart(sim: SimHa
         await client.aclose()
 
 
-async def test_a_lake_that_cannot_be_written_stops_the_loop_before_anything_is_recorded(
+def _lake_rows(settings: Settings) -> list[dict[str, Any]]:
+    return [row for path in channel_files(settings.parquet_dir, utc_day(now_ms()), LAKE_CHANNEL)
+            for row in read_jsonl(path)]
+
+
+async def _stream_ids(client: redis.asyncio.Redis) -> list[str]:
+    return [entry_id for entry_id, _fields in await client.xrange(ORDERS_EXECUTED)]
+
+
+async def test_a_lake_that_cannot_be_written_stops_the_loop_and_the_next_start_copies_what_was_committed(
         sim: SimHandle, redis_db_url: str, tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("the lake root cannot be created here")
@@ -385,9 +395,86 @@ async def test_a_lake_that_cannot_be_written_stops_the_loop_before_anything_is_r
                 await _send(client, intent)
                 async with asyncio.timeout(10):
                     await task
-        assert await client.xlen(ORDERS_EXECUTED) == 0
-        assert (await client.xpending(ORDERS_SHADOW, "executor"))["pending"] == 1  # kept for the next run
-        assert await client.hexists(KEY_OPEN_INTENTS, intent.intent_id)
+        [report] = await _reports(client)  # committed before the copy: the stream (and the ledger) have it
+        assert report.intent_id == intent.intent_id and report.status == "filled"
+        assert (await client.xpending(ORDERS_SHADOW, "executor"))["pending"] == 0
+
+        blocker.unlink()  # the disk is writable again
+        async with _executor(settings, redis_db_url, _venue(settings)):
+            await _until(lambda: _async(len(_lake_rows(settings)) == 1))
+        [row] = _lake_rows(settings)
+        assert row["intent_id"] == intent.intent_id and [row["stream_id"]] == await _stream_ids(client)
+    finally:
+        await client.aclose()
+
+
+class DiesBeforeTheLakeCopy(LakeWriter):
+    """Fault injection: the process dies after the doomed intent's report committed, before its lake copy."""
+
+    doomed = ""
+
+    def write_batch(self, rows: Sequence[Mapping[str, Any]], *, ts_ms: int | None = None) -> int:
+        if any(row.get("intent_id") == self.doomed for row in rows):
+            raise ProcessDeath("killed between the commit and the lake copy")
+        return super().write_batch(rows, ts_ms=ts_ms)
+
+
+class KeepsItsReports(DiesAfterSubmitting):
+    """DiesAfterSubmitting that keeps what the dead execution reported, for comparison."""
+
+    lost: list[ExecutionReport]
+
+    async def submit(self, intent: Intent) -> list[ExecutionReport]:
+        reports = await PaperVenue.submit(self, intent)
+        if intent.intent_id == self.doomed:
+            self.lost = reports
+            raise ProcessDeath("killed between the venue and the commit")
+        return reports
+
+
+async def test_the_lake_and_the_stream_agree_after_crashes_around_the_commit(
+        sim: SimHandle, redis_db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = _settings(sim, tmp_path)
+    client = async_client(redis_db_url)
+    try:
+        # 1. Committed, then the process dies before copying it to the lake.
+        committed = _intent(amount_quote=D("20"))
+        await _send(client, committed)
+        with monkeypatch.context() as patch:
+            DiesBeforeTheLakeCopy.doomed = committed.intent_id
+            patch.setattr("trading.execution.executor.LakeWriter", DiesBeforeTheLakeCopy)
+            with pytest.raises(ProcessDeath):
+                async with _executor(settings, redis_db_url, _venue(settings)) as task:
+                    await task
+        assert [r.intent_id for r in await _reports(client)] == [committed.intent_id]
+        assert _lake_rows(settings) == []
+
+        # 2. Executed, then the process dies before the commit: nothing of it may reach the lake.
+        doomed = _intent(amount_quote=D("30"))
+        dying = KeepsItsReports(doomed.intent_id, markets=MARKETS, rest_url=settings.bitvavo_rest_url,
+                                ws_url=settings.bitvavo_ws_url, balances=RICH)
+        await _send(client, doomed)
+        with pytest.raises(ProcessDeath):
+            async with _executor(settings, redis_db_url, dying) as task:
+                await task
+        [lost] = dying.lost
+        assert lost.fills and [row["intent_id"] for row in _lake_rows(settings)] == [committed.intent_id]
+
+        # 3. A clean run executes the doomed intent again and copies everything committed, once.
+        sell = _intent(side="sell", amount=D("0.0001"))
+        async with _executor(settings, redis_db_url, _venue(settings)):
+            await _send(client, sell)
+            await _until(lambda: _async(len(_lake_rows(settings)) == 3))
+        reports = await _reports(client)
+        assert [r.intent_id for r in reports] == [committed.intent_id, doomed.intent_id, sell.intent_id]
+        assert [row["stream_id"] for row in _lake_rows(settings)] == await _stream_ids(client)
+        recorded_fill_ids = {f.fill_id for r in reports for f in r.fills}
+        assert recorded_fill_ids.isdisjoint(f.fill_id for f in lost.fills)  # the dead execution's ids are not reused
+
+        from_lake = rebuild_from_lake(settings.parquet_dir, [utc_day(now_ms())])
+        from_stream = await rebuild_from_stream(client)
+        assert from_lake.ledgers == from_stream.ledgers
+        assert from_stream.ledgers.paper.fill_ids == recorded_fill_ids and from_stream.rejected == 0
     finally:
         await client.aclose()
 

@@ -11,17 +11,31 @@ skipped silently. Per intent, in this order:
    older than `max_intent_age_s` (`intent_expired`), mode differs from the venue's
    (`mode_mismatch`: a live intent never reaches the paper venue, nor the reverse), the kill
    switch read immediately before acting (`kill_switch`), and for live intents the go-live gate
-   (`live_gate_closed`) and the venue's own block (`venue_blocked`, e.g. unreconciled state);
+   (`live_gate_closed`) and the venue's own block (`venue_blocked`, e.g. unreconciled state).
+   A flatten intent (`Intent.purpose`, written by the flatten operator action) passes the kill
+   switch and the gate, and only if it is a sale that cannot rest, by base amount, within its cap:
+   scope `ledger`, the position of its mode's ledger (`trading:pnl:<mode>`); scope `account`
+   (live only), the exchange's available balance, which the exchange enforces itself. Any other
+   flatten intent is refused (`flatten_refused`); the other checks apply to it unchanged;
 4. `venue.submit(intent)`; bad input only the venue can judge (a market the exchange does not
    list) comes back as `IntentError` → dead letter;
-5. the reports: lake `orders/executed` first, then in the consumer's transaction (with the ack):
-   XADD to `orders:executed`, HDEL `trading:intents:open` on a final report, the open paper
-   order's last report in `KEY_PAPER_OPEN`, HDEL `orders:inflight` for live reports, an
-   `order` / `order_rejected` event, the done mark.
+5. the reports, in the consumer's transaction (with the ack): XADD to `orders:executed`, HDEL
+   `trading:intents:open` on a final report, the open paper order's last report in
+   `KEY_PAPER_OPEN`, HDEL `orders:inflight` for live reports, an `order` / `order_rejected`
+   event, the done mark.
 
 A second coroutine polls the venue every `poll_interval_s` (resting orders filling later) and
 records those reports the same way, one transaction per batch. At start, paper orders a previous
 instance left open are closed with a `canceled` report (they lived in that process only).
+
+The lake channel `orders/executed` is a copy of what was committed: a third coroutine, woken by
+every commit, copies the `orders:executed` entries after `KEY_LAKE_LAST_ID` into the lake, each
+row with its `stream_id`, then advances that key. At start, before the first intent, the entries
+a previous instance committed but did not copy are copied (the stream is never trimmed), and at
+stop what is committed is copied once more. So no lake row exists whose transaction did not
+commit, and none is missing for one that did; a crash between a copy and the key's update copies
+those rows again at the next start (same `stream_id`; fills dedupe on `fill_id`), which the start
+narrows by also reading the newest `stream_id` of the lake files of the last two hours.
 """
 
 from __future__ import annotations
@@ -32,7 +46,8 @@ import logging
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import Any
 
 import orjson
 import redis.asyncio
@@ -47,16 +62,18 @@ from trading.bus import (
     KEY_OPEN_INTENTS,
     ORDERS_EXECUTED,
     ORDERS_SHADOW,
-    SCHEMA_VERSION,
+    as_text,
+    pnl_key,
 )
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.consumer import ConsumerMetrics, GroupConsumer, RejectEntry, StreamEntry
+from trading.decimals import DecimalParseError, format_decimal, parse_decimal
 from trading.events import Severity, queue_event
 from trading.exchange.errors import BitvavoError
 from trading.execution.paper import KEY_PAPER_OPEN, restart_cancellations
 from trading.golive import live_gate
-from trading.lake import LakeWriteError, LakeWriter
+from trading.lake import HOUR_MS, LakeFormatError, LakeWriteError, LakeWriter, TornTail, read_jsonl
 from trading.lease import Lease
 from trading.log_sampling import worth_logging
 from trading.loop import every, run_guarded
@@ -73,10 +90,45 @@ DEFAULT_METRICS_PORT = 9603
 DEFAULT_MAX_INTENT_AGE_S = 10.0
 _REDIS_DOWN = (RedisError, OSError)
 ABANDONED_AFTER_MS = 60_000  # beyond the intent age limit, before an open intent with no order is released
+KEY_LAKE_LAST_ID = "executor:lake:last_id"  # the newest orders:executed entry copied to the lake
+LAKE_PAGE = 500  # orders:executed entries per lake batch
+LAKE_IDLE_S = 5.0  # the lake copy also runs this often without a commit (a missed wake-up costs no more)
+LAKE_FINAL_COPY_S = 2.0  # how long the copy at stop may take; what it misses, the next start copies
 
 
 def _mode(dry_run: bool) -> str:
     return "paper" if dry_run else "live"
+
+
+def _stream_id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def lake_row(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
+    """An `orders:executed` entry as its lake row: the stream fields, `v` and `ts` as ints, and the entry id."""
+    return {**fields, "v": int(fields["v"]), "ts": int(fields["ts"]), "stream_id": entry_id}
+
+
+def newest_lake_stream_id(lake: LakeWriter, now: int) -> str | None:
+    """The newest `stream_id` in the lake files of this hour and the one before (rows are placed when copied)."""
+    newest: str | None = None
+
+    def torn(tail: TornTail) -> None:  # a copy cut short by a crash: its rows were not all written
+        log.warning("executor: torn last line of %s not read", tail.path)
+
+    for path in {lake.path_for(now - HOUR_MS), lake.path_for(now)}:
+        if not Path(path).is_file():
+            continue
+        try:
+            for row in read_jsonl(path, on_torn_tail=torn):
+                stream_id = row.get("stream_id")
+                if isinstance(stream_id, str) and (newest is None
+                                                   or _stream_id_key(stream_id) > _stream_id_key(newest)):
+                    newest = stream_id
+        except (LakeFormatError, ValueError) as exc:  # an unreadable file: the checkpoint key alone decides
+            log.warning("executor: lake file %s not read for its newest stream id: %s", path, exc)
+    return newest
 
 
 class ExecutorMetrics:
@@ -146,26 +198,31 @@ class Executor:
         self.max_intent_age_ms = int(max_intent_age_s * 1000)
         self.poll_interval_s = poll_interval_s
         self.gauge_interval_s = gauge_interval_s
-        self.consumer = GroupConsumer(client, ORDERS_SHADOW, EXECUTOR, metrics=metrics.consumer, start_id="0")
+        self.consumer = GroupConsumer(client, ORDERS_SHADOW, EXECUTOR, metrics=metrics.consumer, start_id="0",
+                                      on_commit=lambda _entry: self._lake_due.set())
         self.summary = ExecutorSummary(mode=_mode(venue.dry_run))
         self._mode = _mode(venue.dry_run)
         self._ready = asyncio.Event()
-        self._fatal: asyncio.Future[None] | None = None
+        self._lake_due = asyncio.Event()  # something was committed to orders:executed, maybe
+        self._lake_position: str | None = None  # the newest orders:executed entry in the lake
         self._open: dict[str, str] = {}  # intent_id -> mode, while its latest recorded report is not final
         # Submitted, and their transaction not known to be committed: poll reports about them wait,
         # so `orders:executed` never shows a fill before the order's first report.
         self._uncommitted: set[str] = set()
-        self._poll_backlog: list[ExecutionReport] = []  # in the lake, not yet in Redis (Redis was down)
+        self._poll_backlog: list[ExecutionReport] = []  # polled, not yet in Redis (Redis was down)
         self._poll_failures = 0
 
     def work(self, lease: Lease) -> Sequence[Coroutine[Any, Any, None]]:
         self.summary.fencing_token = lease.fencing_token
-        self._fatal = asyncio.get_running_loop().create_future()
-        return [self._consume(), self._poll_forever(), self._gauges_forever(), self._watch_fatal()]
+        return [self._consume(), self._poll_forever(), self._gauges_forever(), self._lake_forever()]
 
     # -- coroutines under the lease --------------------------------------------------------------
 
     async def _consume(self) -> None:
+        copied = await self.copy_to_lake()  # what the previous instance committed and did not copy
+        if copied:
+            log.warning("executor: %d orders:executed entries committed by the previous instance copied to the "
+                        "lake", copied)
         await self.venue.start()
         await self.recover_paper_orders()
         self._ready.set()
@@ -182,17 +239,27 @@ class Executor:
         await self._ready.wait()
         await every(self.gauge_interval_s, self.refresh_gauges, swallow=_REDIS_DOWN)
 
-    async def _watch_fatal(self) -> None:
-        assert self._fatal is not None
-        await self._fatal  # raises what `_halt` was given: the TaskGroup then stops the loop
-
-    async def _halt(self, exc: BaseException) -> NoReturn:
-        """Stop the loop with `exc` from inside the consumer, whose handler errors are otherwise retried."""
-        log.error("executor: stopping: %s", exc)
-        if self._fatal is not None and not self._fatal.done():
-            self._fatal.set_exception(exc)
-        await asyncio.get_running_loop().create_future()  # parked until the TaskGroup cancels us
-        raise AssertionError("unreachable")
+    async def _lake_forever(self) -> None:
+        """Copy what was committed to the lake after every commit; a lake that cannot be written stops the loop."""
+        await self._ready.wait()
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(LAKE_IDLE_S):
+                        await self._lake_due.wait()
+                self._lake_due.clear()
+                try:
+                    await self.copy_to_lake()
+                except LakeWriteError:
+                    raise  # an OSError too, but no retry heals a full disk: stop loudly
+                except _REDIS_DOWN as exc:
+                    log.warning("executor: lake copy paused, Redis unavailable (%s); retrying", exc)
+        except asyncio.CancelledError:
+            # Stopping (end of segment, or another coroutine failed): copy what was committed, bounded.
+            with contextlib.suppress(*_REDIS_DOWN, TimeoutError):
+                async with asyncio.timeout(LAKE_FINAL_COPY_S):
+                    await self.copy_to_lake()
+            raise
 
     # -- one intent --------------------------------------------------------------------------
 
@@ -234,7 +301,6 @@ class Executor:
             await self._forget_rejected(intent, str(exc))
             raise RejectEntry(str(exc)) from None
         self.metrics.submit_latency(mode).observe(time.perf_counter() - started)
-        await self._write_lake(reports)
         self._queue_reports(tx, reports)
         consumer.mark_done(tx, intent.intent_id)
         self._count_reports(reports)
@@ -249,17 +315,46 @@ class Executor:
             return Refusal("mode_mismatch", "mode_mismatch", Severity.CRITICAL,
                            f"{_mode(intent.dry_run)} intent refused by the {self._mode} executor (DRY_RUN differs "
                            "between the trading core and the executor)")
+        flatten = intent.purpose == "flatten"
+        if flatten:
+            why = await self._flatten_refusal(intent)
+            if why is not None:
+                return Refusal("flatten_refused", "flatten_refused", Severity.CRITICAL, why)
         # Read immediately before acting (handle's pipeline): a switch flipped a moment ago stops this order.
-        if kill_on:
+        if kill_on and not flatten:
             return Refusal("kill_switch", "kill_switch", Severity.WARNING,
                            "trading:kill=1: order not sent")
         if not intent.dry_run:
-            gate = await live_gate(self.client, now_ms())
-            if not gate.open:
-                return Refusal("gate_closed", "live_gate_closed", Severity.CRITICAL, gate.reason)
+            if not flatten:
+                gate = await live_gate(self.client, now_ms())
+                if not gate.open:
+                    return Refusal("gate_closed", "live_gate_closed", Severity.CRITICAL, gate.reason)
             blocked = self.venue.blocked_reason()
             if blocked is not None:
                 return Refusal("venue_blocked", "venue_blocked", Severity.CRITICAL, blocked)
+        return None
+
+    async def _flatten_refusal(self, intent: Intent) -> str | None:
+        """Why a flatten intent may not pass the kill switch and the gate, or None (module doc, step 3)."""
+        shape = intent.flatten_shape_error()
+        if shape is not None:
+            return shape
+        assert intent.amount is not None  # flatten_shape_error checked it
+        if intent.scope == "account":
+            # The exchange refuses a sell beyond the available balance ([216]): it is the cap. Paper has no
+            # account of its own beyond the paper ledger.
+            return None if not intent.dry_run else "scope account is for live flatten only (paper sells its ledger)"
+        key = pnl_key(intent.dry_run)
+        raw = await self.client.hget(key, f"{intent.market}:position")
+        try:
+            position = parse_decimal(raw, "position") if raw is not None else None
+        except DecimalParseError:
+            position = None
+        if position is None:
+            return f"{key} holds no readable {intent.market} position: nothing to flatten"
+        if intent.amount > position:
+            return (f"sells {format_decimal(intent.amount)}, more than the {_mode(intent.dry_run)} ledger's "
+                    f"{intent.market} position {format_decimal(position)}")
         return None
 
     def _queue_refusal(self, tx: Pipeline, intent: Intent, refusal: Refusal) -> None:
@@ -288,18 +383,42 @@ class Executor:
 
     # -- reports -----------------------------------------------------------------------------
 
-    async def _write_lake(self, reports: Sequence[ExecutionReport]) -> None:
-        """Lake before Redis. A crash between the two leaves the lake row without its Redis entry;
-        the intent is then executed again after the restart, so the lake can hold a report twice:
-        readers dedupe fills on fill_id (paper fill ids are derived from intent_id, the same on a
-        re-execution) and take an intent's latest report as its state."""
-        if not reports:
-            return
-        rows = [{**report.encode(), "v": SCHEMA_VERSION, "ts": report.ts} for report in reports]
-        try:
-            self.lake.write_batch(rows)
-        except LakeWriteError as exc:
-            await self._halt(exc)
+    async def copy_to_lake(self) -> int:
+        """Copy the `orders:executed` entries after the lake's position into the lake; returns how many.
+
+        Rows are placed in the lake file of the moment they are copied (not of their report's
+        time), so a late copy never appends to an hour that compaction may have closed.
+        """
+        if self._lake_position is None:
+            self._lake_position = await self._lake_start_position()
+        copied = 0
+        while True:
+            entries = await self.client.xrange(ORDERS_EXECUTED, min="(" + self._lake_position, max="+",
+                                               count=LAKE_PAGE)
+            if not entries:
+                return copied
+            rows = [lake_row(as_text(entry_id), {as_text(k): as_text(v) for k, v in fields.items()})
+                    for entry_id, fields in entries]
+            self.lake.write_batch(rows, ts_ms=now_ms())
+            self._lake_position = rows[-1]["stream_id"]
+            await self.client.set(KEY_LAKE_LAST_ID, self._lake_position)
+            copied += len(rows)
+            if len(entries) < LAKE_PAGE:
+                return copied
+
+    async def _lake_start_position(self) -> str:
+        stored = await self.client.get(KEY_LAKE_LAST_ID)
+        if stored is None:
+            # First start with a lake copy: executors before it wrote each report to the lake before its
+            # transaction, so everything already in the stream is in the lake.
+            [newest] = await self.client.xrevrange(ORDERS_EXECUTED, count=1) or [("0-0", {})]
+            stored = as_text(newest[0])
+            await self.client.set(KEY_LAKE_LAST_ID, stored, nx=True)
+            log.info("executor: lake copy of %s starts after %s", ORDERS_EXECUTED, stored)
+        in_lake = newest_lake_stream_id(self.lake, now_ms())
+        if in_lake is not None and _stream_id_key(in_lake) > _stream_id_key(stored):
+            return in_lake  # copied just before a crash that kept the key from advancing
+        return str(stored)
 
     def _queue_reports(self, tx: Pipeline, reports: Sequence[ExecutionReport]) -> None:
         for report in reports:
@@ -348,7 +467,6 @@ class Executor:
             if worth_logging(self._poll_failures, every=60):
                 log.warning("executor: venue poll failed (%s: %s); retrying every poll", type(exc).__name__, exc)
             fresh = []
-        await self._write_lake(fresh)
         self._poll_backlog.extend(fresh)
         if not self._poll_backlog:
             return
@@ -371,6 +489,7 @@ class Executor:
             return
         recorded = {id(r) for r in ready}
         self._poll_backlog = [r for r in self._poll_backlog if id(r) not in recorded]
+        self._lake_due.set()
         self._count_reports(ready)
 
     async def recover_paper_orders(self) -> None:
@@ -379,7 +498,6 @@ class Executor:
         if not stored:
             return
         reports, unreadable = restart_cancellations(stored, now_ms())
-        await self._write_lake(reports)
         async with self.client.pipeline(transaction=True) as tx:
             self._queue_reports(tx, reports)
             for intent_id in unreadable:
@@ -388,6 +506,7 @@ class Executor:
                 queue_event(tx, "order_lost", Severity.CRITICAL, intent_id=intent_id,
                             detail={"reason": "paper order's stored report unreadable; dropped on restart"})
             await tx.execute()
+        self._lake_due.set()
         self._count_reports(reports)
         self.summary.restart_cancels = len(reports)
         log.warning("executor: %d paper orders left open by the previous instance closed as canceled (%s)",
