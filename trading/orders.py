@@ -1,7 +1,9 @@
 """Order intents and execution reports: the typed form of `orders:shadow` and `orders:executed`.
 
 An `Intent` is what the trading core decided (one per signal, its UUID `intent_id` is the
-exchange clientOrderId). An `ExecutionReport` is the state of that order after something
+exchange clientOrderId), or, with `purpose` "flatten", a sale the flatten operator action asks
+for (a sell that cannot rest, by base amount, capped as its `scope` says: docs/executor.md).
+Intents written without `purpose` are trades. An `ExecutionReport` is the state of that order after something
 happened to it (accepted, filled in part, filled, cancelled, rejected), carrying the fills
 that are NEW since the previous report of the same intent, each with its own `fill_id`, so a
 reader summing fills never counts one twice. A `Venue` turns intents into reports: the paper
@@ -25,6 +27,10 @@ from trading.decimals import DecimalParseError, format_decimal, parse_decimal
 Side = Literal["buy", "sell"]
 OrderType = Literal["market", "limit"]
 TimeInForce = Literal["GTC", "IOC", "FOK"]
+Purpose = Literal["trade", "flatten"]
+FlattenScope = Literal["ledger", "account"]
+PURPOSES: tuple[Purpose, ...] = ("trade", "flatten")
+FLATTEN_SCOPES: tuple[FlattenScope, ...] = ("ledger", "account")
 FINAL_STATUSES = frozenset({"filled", "canceled", "rejected", "expired"})
 # Exchange order statuses plus `rejected` (refused before or by the exchange, nothing traded).
 STATUSES = FINAL_STATUSES | {"new", "partiallyFilled", "awaitingTrigger", "cancelledAuction"}
@@ -56,12 +62,18 @@ class Intent:
     price: Decimal | None = None  # limit orders
     notional: Decimal | None = None  # EUR estimate the guards used
     reduce_only: bool = False
+    # "flatten": an operator's flatten sale (trading/flatten.py), which the executor lets through the kill
+    # switch and the go-live gate within its cap; `scope` says which cap (flatten intents only).
+    purpose: Purpose = "trade"
+    scope: FlattenScope | None = None
 
     def to_fields(self) -> dict[str, Any]:
         return {"ts": self.ts, "intent_id": self.intent_id, "signal_id": self.signal_id, "market": self.market,
                 "side": self.side, "order_type": self.order_type, "amount": self.amount,
                 "amount_quote": self.amount_quote, "price": self.price, "time_in_force": self.time_in_force,
-                "dry_run": self.dry_run, "notional": self.notional, "reduce_only": self.reduce_only}
+                "dry_run": self.dry_run, "notional": self.notional, "reduce_only": self.reduce_only,
+                # Written only on flatten intents: trade intents keep the fields they always had.
+                "purpose": None if self.purpose == "trade" else self.purpose, "scope": self.scope}
 
     def encode(self) -> dict[str, str]:
         return encode_entry(self.to_fields())
@@ -96,10 +108,29 @@ class Intent:
             raise IntentError("a limit intent needs price and amount")
         if f["order_type"] == "market" and "price" in f:
             raise IntentError("a market intent has no price")
+        purpose = f.get("purpose", "trade")  # entries written before flatten intents existed are trades
+        if purpose not in PURPOSES:
+            raise IntentError(f"purpose must be trade or flatten, got {purpose!r}")
+        scope = f.get("scope")
+        if purpose == "flatten" and scope not in FLATTEN_SCOPES:
+            raise IntentError(f"a flatten intent's scope must be ledger or account, got {scope!r}")
+        if purpose == "trade" and scope is not None:
+            raise IntentError("only a flatten intent has a scope")
         return cls(intent_id=f["intent_id"], signal_id=f["signal_id"], market=f["market"], side=f["side"],
                    order_type=f["order_type"], time_in_force=f["time_in_force"], dry_run=f["dry_run"], ts=f["ts"],
                    amount=f.get("amount"), amount_quote=f.get("amount_quote"), price=f.get("price"),
-                   notional=f.get("notional"), reduce_only=f.get("reduce_only", False))
+                   notional=f.get("notional"), reduce_only=f.get("reduce_only", False), purpose=purpose,
+                   scope=scope)
+
+    def flatten_shape_error(self) -> str | None:
+        """Why this flatten intent is not a flatten sale (a sell that cannot rest, by base amount), or None."""
+        if self.side != "sell":
+            return f"a flatten intent sells; this one is a {self.side}"
+        if self.order_type == "limit" and self.time_in_force != "IOC":
+            return f"a flatten intent is a market order or an IOC limit, not a {self.time_in_force} limit"
+        if self.amount is None:
+            return "a flatten intent sells a base amount (amount), not a quote amount"
+        return None
 
 
 @dataclass(frozen=True)

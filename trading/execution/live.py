@@ -21,6 +21,11 @@ so after `sent_ms + access window + margin` a missing order was not created and 
 `rejected` report. It is not resent with the same clientOrderId because the exchange rejects a
 duplicate clientOrderId only while the first order is OPEN (error 220): a resend after the first
 order filled or was cancelled would be a second order.
+
+The send claim re-checks the kill switch and the go-live gate atomically with the in-flight write.
+A flatten sale (`Intent.purpose`) passes both there, within its cap: scope `ledger`, the live
+ledger's position of the market (`trading:pnl:live`); scope `account`, the exchange's own check
+of the available balance.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from typing import Any, Literal, TypeVar
 import orjson
 import redis.asyncio
 
-from trading.bus import KEY_GOLIVE, KEY_INFLIGHT, KEY_KILL, KEY_LIVE_OPEN
+from trading.bus import KEY_GOLIVE, KEY_INFLIGHT, KEY_KILL, KEY_LIVE_OPEN, KEY_PNL_LIVE
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.decimals import DecimalParseError, format_decimal, parse_decimal
@@ -54,13 +59,26 @@ from trading.orders import FINAL_STATUSES, ExecutionReport, FillRecord, Intent, 
 
 log = logging.getLogger(__name__)
 
-# KEYS: in-flight hash, sent marker, kill switch, go-live hash. ARGV: intent_id, in-flight JSON, sent_ms, TTL s.
+# KEYS: in-flight hash, sent marker, kill switch, go-live hash, live ledger hash.
+# ARGV: intent_id, in-flight JSON, sent_ms, TTL s, what passes: 'trade' (kill switch off and gate open) or a
+# flatten sale's scope, 'ledger' (within the live ledger's position field ARGV[6]: ARGV[7] <= it) or 'account'
+# (the exchange caps it at the available balance). tonumber gives a double; rounding is monotonic, so an
+# amount <= the position in decimals is never refused.
 _CLAIM_SEND_LUA = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'sent' end
-if redis.call('GET', KEYS[3]) == '1' then return 'kill switch is on (trading:kill=1)' end
-local gate = redis.call('HMGET', KEYS[4], 'decision', 'valid_until_ms')
-if gate[1] ~= 'GO' or not tonumber(gate[2]) or tonumber(gate[2]) <= tonumber(ARGV[3]) then
-  return 'live gate closed (no fresh GO decision)'
+if ARGV[5] == 'trade' then
+  if redis.call('GET', KEYS[3]) == '1' then return 'kill switch is on (trading:kill=1)' end
+  local gate = redis.call('HMGET', KEYS[4], 'decision', 'valid_until_ms')
+  if gate[1] ~= 'GO' or not tonumber(gate[2]) or tonumber(gate[2]) <= tonumber(ARGV[3]) then
+    return 'live gate closed (no fresh GO decision)'
+  end
+elseif ARGV[5] == 'ledger' then
+  local position = tonumber(redis.call('HGET', KEYS[5], ARGV[6]) or '')
+  if not position or position < tonumber(ARGV[7]) then
+    return 'flatten sale beyond the live ledger position'
+  end
+elseif ARGV[5] ~= 'account' then
+  return 'unknown send claim ' .. ARGV[5]
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
@@ -394,12 +412,20 @@ class LiveVenue:
     async def _send(self, intent: Intent) -> ExecutionReport | None:
         intent_id = intent.intent_id
         sent_ms = now_ms()
+        passes = "trade"
+        if intent.purpose == "flatten":
+            shape = intent.flatten_shape_error()
+            if shape is not None:
+                return rejected_report(intent, f"not sent: {shape}", sent_ms)
+            passes = intent.scope or "ledger"
         # One atomic step, acknowledged by Redis before anything goes to the exchange: refuse when the
-        # kill switch is on or the gate closed (checked here, after any wait for the lock, not only by
-        # the executor earlier), and claim the send so that no other instance (one that took over after
-        # a stall cost us the lease) can send the same clientOrderId again.
-        verdict = await self._claim_send(keys=[KEY_INFLIGHT, SENT_PREFIX + intent_id, KEY_KILL, KEY_GOLIVE],
-                                         args=[intent_id, inflight_json(intent, sent_ms), sent_ms, SENT_TTL_S])
+        # kill switch is on or the gate closed, or a flatten sale exceeds the ledger position (checked here,
+        # after any wait for the lock, not only by the executor earlier), and claim the send so that no other
+        # instance (one that took over after a stall cost us the lease) can send the same clientOrderId again.
+        verdict = await self._claim_send(
+            keys=[KEY_INFLIGHT, SENT_PREFIX + intent_id, KEY_KILL, KEY_GOLIVE, KEY_PNL_LIVE],
+            args=[intent_id, inflight_json(intent, sent_ms), sent_ms, SENT_TTL_S, passes,
+                  f"{intent.market}:position", format_decimal(intent.amount) if intent.amount is not None else ""])
         if verdict == "sent":  # claimed before: look it up, never send twice
             inflight_raw = await self._client.hget(KEY_INFLIGHT, intent_id)
             earlier = parse_inflight(inflight_raw)[1] if inflight_raw is not None else 0
