@@ -97,19 +97,47 @@ def test_the_issue_list_of_alerts_is_covered() -> None:
     names = {rule["alert"] for rule in rules()}
     assert {"KillSwitchOn", "ExecutorBacklog", "ConsumerHandlerErrors", "DeadLetters", "TradingCoreRejectRateHigh",
             "ExecutorRefusals", "IngestFeedStale", "OrderbookResyncStorm", "RateLimitHeadroomLow", "PnlDrawdown",
-            "PnlJump", "RedisMemoryHigh", "LakeDiskLow", "LoopDown", "LoopTargetMissing"} <= names
+            "PnlJump", "RedisMemoryHigh", "LakeDiskLow", "LoopDown", "LoopTargetMissing", "LedgerAnomaly"} <= names
 
 
 def test_every_alert_has_a_severity_and_its_section_in_alerts_md() -> None:
     headings = set(re.findall(r"^### (\w+)$", ALERTS_DOC.read_text(), flags=re.MULTILINE))
-    names = [rule["alert"] for rule in rules()]
-    assert len(names) == len(set(names)), "alert names must be unique"
+    names = {rule["alert"] for rule in rules()}
     for rule in rules():
         name = rule["alert"]
         assert rule["labels"]["severity"] in ("critical", "warning"), name
         assert rule["annotations"]["runbook_url"] == f"docs/alerts.md#{name.lower()}", name
         assert name in headings, f"docs/alerts.md has no '### {name}' section"
-    assert headings == set(names), f"sections without an alert: {sorted(headings - set(names))}"
+    assert headings == names, f"sections without an alert: {sorted(headings - names)}"
+
+
+def modes_selected(rule: dict[str, Any]) -> set[str]:
+    return set(re.findall(r'\bmode="(\w+)"', rule["expr"]))
+
+
+def test_a_name_repeats_only_as_one_rule_per_mode_live_critical_paper_warning() -> None:
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for rule in rules():
+        by_name.setdefault(rule["alert"], []).append(rule)
+    split = {name: same for name, same in by_name.items() if len(same) > 1}
+    assert {"PnlDrawdown", "LedgerAnomaly"} <= set(split)
+    for name, same in split.items():
+        assert sorted(sorted(modes_selected(rule)) for rule in same) == [["live"], ["paper"]], (
+            f"{name}: the rules of one name must each select one mode, paper and live")
+        severities = {mode: rule["labels"]["severity"] for rule in same for mode in modes_selected(rule)}
+        assert severities == {"live": "critical", "paper": "warning"}, name
+        assert len({rule["annotations"]["summary"] for rule in same}) == 1, f"{name}: one summary for both modes"
+
+
+def test_ledger_alerts_keep_the_mode_label() -> None:
+    """A rule on a ledger metric may not aggregate `mode` away: paper and live are different books."""
+    ledger = {f.base for f in catalogue().families["pnl"] if "mode" in f.labels}
+    for rule in rules():
+        if any(re.search(rf"\b{name}(_total)?\b", rule["expr"]) for name in ledger):
+            for kind, grouping in re.findall(r"\b(by|without)\s*\(([^()]*)\)", rule["expr"]):
+                named = {label.strip() for label in grouping.split(",")}
+                assert ("mode" in named) == (kind == "by"), f"{rule['alert']}: aggregates the mode away"
+            assert "{{ $labels.mode }}" in rule["annotations"]["summary"], rule["alert"]
 
 
 def test_kill_switch_alert_reads_the_core_gauge() -> None:
