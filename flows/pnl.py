@@ -19,7 +19,8 @@ from trading.redis_conn import redis_url
 @flow(name="pnl-orchestrator")
 async def pnl_orchestrator(duration_s: float | None = None, metrics_port: int = DEFAULT_METRICS_PORT,
                            lease_wait_s: float = 0.0, snapshot_every_s: float = 60.0) -> dict[str, Any]:
-    """`orders:executed` into the fill ledger; `trading:pnl`, lake snapshots (`pnl/`) and `trader_pnl_*` metrics."""
+    """`orders:executed` into the paper and live ledgers; `trading:pnl:paper` and `trading:pnl:live`, lake
+    snapshots (`pnl/`) and `trader_pnl_*` metrics."""
     logger = get_run_logger()
     settings = Settings.from_env()  # a bad variable fails the run here, naming it
     with redis_url(settings) as url:
