@@ -278,6 +278,7 @@ class PnlMetrics:
             self.market_exposure(mode, market).set(float(Decimal(snapshot[f"{market}:exposure"])))
             self.position(mode, market).set(float(Decimal(snapshot[f"{market}:position"])))
             self.mark_from_fill(mode, market).set(1 if snapshot[f"{market}:mark_source"] == MARK_LAST_FILL else 0)
+            self.anomalies(mode, market)  # the series exists at 0 from the start, so increase() sees the first one
         self.ledger_fills(mode).set(int(snapshot["fills"]))
 
 
