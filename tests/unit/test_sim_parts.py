@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -17,7 +16,7 @@ from trading.sim.auth import ApiKey, verify
 from trading.sim.candles import CandleSeries
 from trading.sim.markets import CATALOG, DEFAULT_MARKETS
 from trading.sim.ratelimit import RateLimiter
-from trading.sim.stats24h import DAY_MS, Rolling24h, synthetic_baseline
+from trading.sim.stats24h import DAY_MS, Rolling24h
 
 
 def _ms(*args: int) -> int:
@@ -59,17 +58,25 @@ def test_candle_series_newest_first_with_inclusive_start_exclusive_end() -> None
     assert [row[0] for row in series.query(10, base + 60_000, base + 180_000)] == [base + 120_000]
 
 
-def test_rolling_24h_blends_a_fading_baseline_with_trades() -> None:
+def test_rolling_24h_continues_the_loaded_history_with_trades() -> None:
     start = _ms(2026, 9, 24)
-    baseline = synthetic_baseline(random.Random(1), Decimal("100.00"), Decimal("0.01"), Decimal("1000000"), 8, start)
-    assert baseline.low <= min(baseline.open, baseline.last) and baseline.high >= max(baseline.open, baseline.last)
-    stats = Rolling24h(baseline, 8)
+    history = [[start - 120_000, Decimal("99"), Decimal("104"), Decimal("98"), Decimal("100"), Decimal("3"),
+                Decimal("300"), start - 120_000, start - 60_001],
+               [start - 60_000, Decimal("100"), Decimal("101"), Decimal("97"), Decimal("99"), Decimal("1"),
+                Decimal("99"), start - 60_000, start - 1]]
+    stats = Rolling24h(8, history)
+    assert stats.last_price == Decimal("99")
     stats.add_trade(start + 1000, Decimal("150"), Decimal("2"))
     row = stats.row("X-EUR", start + 2000, (Decimal("149"), Decimal("1")), None)
-    assert (row["last"], row["high"], row["bid"], row["ask"]) == ("150", "150", "149", None)
-    assert Decimal(row["volumeQuote"]) > 300 + baseline.volume_quote * Decimal("0.99")
-    later = stats.row("X-EUR", start + DAY_MS + 5000, None, None)
-    assert (later["volume"], later["volumeQuote"], later["open"], later["high"]) == ("0", "0", None, None)
+    assert (row["open"], row["openTimestamp"], row["high"], row["low"], row["last"]) == (
+        "99", start - 120_000, "150", "97", "150")
+    assert (row["volume"], row["volumeQuote"], row["bid"], row["ask"]) == ("6", "699", "149", None)
+    later = stats.row("X-EUR", start - 60_001 + DAY_MS + 1, None, None)  # the oldest minute has left
+    assert (later["open"], later["high"], later["volume"]) == ("100", "150", "3")
+    empty = stats.row("X-EUR", start + DAY_MS + 5000, None, None)
+    assert (empty["volume"], empty["volumeQuote"], empty["open"], empty["high"], empty["last"]) == (
+        "0", "0", None, None, None)
+    assert stats.last_price == Decimal("150")  # GET /ticker/price keeps the last trade
 
 
 def test_rate_limiter_window_ban_and_reset() -> None:

@@ -161,8 +161,8 @@ class SimApi:
 
     def ticker_price(self, params: P.Params) -> Any:
         wanted = self._optional_market(params)
-        rows = [{"market": m, "price": format_decimal(self.exchange.last_price(m))}
-                for m in self._markets(wanted)]
+        prices = {m: self.exchange.last_price(m) for m in self._markets(wanted)}
+        rows = [{"market": m, "price": None if p is None else format_decimal(p)} for m, p in prices.items()]
         return _single_or_list(rows, wanted is not None)
 
     def ticker_book(self, params: P.Params) -> Any:

@@ -1,4 +1,5 @@
-"""OHLCV candles built from the simulator's trades (spec §4.1): one bounded series per interval.
+"""OHLCV candles (spec §4.1): one bounded series per interval, loaded with the generated history
+(backfill.py) and then built from the simulator's trades.
 
 Buckets without trades do not exist (Bitvavo omits them). Weeks start on Monday 00:00 UTC and
 months on the 1st, 00:00 UTC.
@@ -7,6 +8,7 @@ months on the 1st, 00:00 UTC.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
@@ -24,6 +26,15 @@ class CandleSeries:
     def __init__(self, interval: str) -> None:
         self.interval = interval
         self._buckets: OrderedDict[int, list[Decimal]] = OrderedDict()
+
+    def load(self, candles: Iterable[tuple[int, list[Decimal]]]) -> None:
+        """History before any trade: (bucket start, [open, high, low, close, volume]), oldest first."""
+        if self._buckets:
+            raise ValueError("history loads into an empty series only")
+        for start, candle in candles:
+            self._buckets[start] = list(candle)
+            if len(self._buckets) > MAX_CANDLES:
+                self._buckets.popitem(last=False)
 
     def add_trade(self, timestamp_ms: int, price: Decimal, amount: Decimal) -> int:
         """Fold one trade in; returns the start of the bucket it landed in."""

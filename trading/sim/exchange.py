@@ -22,6 +22,7 @@ from trading.decimals import format_decimal, format_padded
 from trading.exchange.intervals import CANDLE_INTERVALS
 from trading.matching import FeeRates, Fill, MatchingEngine, MatchResult, Order, Trade
 from trading.sim.auth import ApiKey
+from trading.sim.backfill import backfill
 from trading.sim.candles import CandleSeries
 from trading.sim.config import USER_FEES, SimConfig
 from trading.sim.faults import Faults
@@ -30,7 +31,7 @@ from trading.sim.history import TradeHistory, trade_wire
 from trading.sim.hub import CANDLES_PREFIX, Hub
 from trading.sim.markets import CATALOG, MarketSpec
 from trading.sim.ratelimit import RateLimiter
-from trading.sim.stats24h import Rolling24h, synthetic_baseline
+from trading.sim.stats24h import Rolling24h
 
 USER = "user"
 _ZERO_FEES = FeeRates(Decimal(0), Decimal(0))
@@ -85,11 +86,15 @@ class SimExchange:
         for market, spec in self.specs.items():
             rng = random.Random(f"{config.seed}:{market}:history")
             self.feeds[market] = MarketFeed(nonce=rng.randrange(10_000_000, 400_000_000))
+            past = backfill(spec, config.seed, started)
             self.trades[market] = TradeHistory(config.trade_history)
-            self.candles[market] = {interval: CandleSeries(interval) for interval in CANDLE_INTERVALS}
-            baseline = synthetic_baseline(rng, spec.best_bid, spec.tick, spec.volume_quote_24h,
-                                          spec.quantity_decimals, started)
-            self.stats[market] = Rolling24h(baseline, spec.quantity_decimals)
+            for trade in past.trades:
+                self.trades[market].append(trade)
+            self.candles[market] = {}
+            for interval in CANDLE_INTERVALS:
+                series = self.candles[market][interval] = CandleSeries(interval)
+                series.load(past.candles(interval))
+            self.stats[market] = Rolling24h(spec.quantity_decimals, past.minute_rows())
         self.user_volume = Decimal(0)  # EUR traded by the user (GET /account fee volume)
         for market, generator in self.generators.items():
             self._publish(market, generator.open())
@@ -132,7 +137,7 @@ class SimExchange:
         return self.stats[market].row(market, self.clock_ms() if now is None else now,
                                       self.engine.best_bid(market), self.engine.best_ask(market))
 
-    def last_price(self, market: str) -> Decimal:
+    def last_price(self, market: str) -> Decimal | None:
         return self.stats[market].last_price
 
     def publish_ticker24h(self) -> None:

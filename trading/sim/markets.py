@@ -31,7 +31,7 @@ class MarketSpec:
     tick_size: str  # as GET /markets writes it; its decimals also pad WebSocket book prices
     quantity_decimals: int
     spread_ticks: int  # starting spread
-    volume_quote_24h: Decimal  # EUR; seeds the synthetic 24 h baseline and the flow size
+    volume_quote_24h: Decimal  # EUR; the generated history's daily volume (±20 %) and the flow size
     book_span: Decimal = Decimal("0.002")  # relative depth covered by the visible levels
     status: str = "trading"
 
