@@ -3,7 +3,6 @@ so every action is a flow run in the history with who and why, plus an artifact.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -11,9 +10,9 @@ from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 
 from blocks.runtime import load_settings
 from trading.events import Severity, queue_event
-from trading.exchange.rest import BitvavoRest
-from trading.flatten import FlattenReport, flatten_exchange, report_detail
+from trading.flatten import DEFAULT_WAIT_S, SCOPES, flatten_positions
 from trading.kill_switch import require_operator, set_kill_switch
+from trading.orders import FlattenScope
 from trading.redis_conn import connected
 
 
@@ -35,43 +34,45 @@ async def kill_switch(enabled: bool, operator: str, reason: str) -> dict[str, An
 
 
 @flow(name="flatten")
-async def flatten(operator: str, reason: str, close_positions: bool = False,
-                  markets: list[str] | None = None) -> dict[str, Any]:
-    """Kill switch on, cancel every open order at the exchange, and with `close_positions` sell at market.
+async def flatten(operator: str, reason: str, close_positions: bool = False, markets: list[str] | None = None,
+                  scope: FlattenScope = "ledger", wait_s: float = DEFAULT_WAIT_S) -> dict[str, Any]:
+    """Kill switch on; live: cancel the open orders; with `close_positions`, sell the mode's positions.
 
-    In dry-run nothing is at the exchange: the kill switch goes on and the paper positions stay
-    (they are simulated). The kill switch stays on afterwards; switch it off with `kill-switch`.
+    The sales go through the executor as flatten intents, so each is an execution report in
+    `orders:executed` and the ledger of the mode realises it (trading/flatten.py). Dry-run sells the
+    paper ledger's positions on the paper venue and never calls the exchange's authenticated
+    endpoints. Live sells the live ledger's positions capped by the available balances, or with
+    `scope=account` everything available (a dedicated account). The run waits up to `wait_s` for
+    the executor's reports and fails, naming them, when a sale has none, or did not fill in full.
+    The kill switch stays on afterwards; switch it off with `kill-switch`.
     """
     require_operator(operator, reason)
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be ledger or account, got {scope!r}")
     logger = get_run_logger()
     settings = await load_settings()
+    if settings.dry_run and scope == "account":
+        raise ValueError("scope=account is for live flatten only: dry-run sells the paper ledger's positions")
     async with connected(settings) as client:
         await set_kill_switch(client, enabled=True, operator=operator, reason=f"flatten: {reason}")
-        if not settings.has_credentials:  # whatever DRY_RUN says: flatten acts wherever orders can exist
-            report = FlattenReport()
-            mode = "no credentials: no orders at the exchange; paper positions left as they are"
-        else:
-            selected = markets or list(settings.markets_or_default())
-            rest = BitvavoRest(settings.bitvavo_rest_url, api_key=settings.bitvavo_api_key,
-                               api_secret=settings.bitvavo_api_secret, operator_id=settings.bitvavo_operator_id)
-            try:
-                report = await asyncio.to_thread(flatten_exchange, rest, selected,
-                                                 close_positions=close_positions)
-            finally:
-                rest.close()
-            mode = f"live: {len(report.cancelled)} orders cancelled, {len(report.sold)} positions sold"
+        report = await flatten_positions(client, settings, markets=markets, close_positions=close_positions,
+                                         scope=scope, wait_s=wait_s)
+        summary = (f"{report.mode}: {len(report.cancelled)} orders cancelled, "
+                   f"{sum(1 for sale in report.sales if sale['status'] == 'filled')} of {len(report.sales)} sales "
+                   f"filled, {len(report.skipped)} skipped, {len(report.unreported)} without a report")
         async with client.pipeline(transaction=True) as tx:
             queue_event(tx, "flatten", Severity.CRITICAL, detail={
-                "operator": operator, "reason": reason, "close_positions": close_positions, "mode": mode,
-                **report_detail(report)})
+                "operator": operator, "reason": reason, "close_positions": close_positions, "summary": summary,
+                **report.detail()})
             await tx.execute()
-    logger.info("flatten by %s (%s): %s", operator, reason, mode)
-    await acreate_table_artifact(key="flatten", table=report.rows() or [{"action": "none", "detail": mode}],
-                                 description=f"flatten by {operator}: {mode}")
-    if report.errors:
-        raise FlattenIncomplete(f"flatten left errors: {report.errors}")
-    return {"mode": mode, **report_detail(report)}
+    logger.info("flatten by %s (%s): %s", operator, reason, summary)
+    await acreate_table_artifact(key="flatten", table=report.rows() or [{"action": "none", "detail": summary}],
+                                 description=f"flatten by {operator}: {summary}")
+    if not report.complete:
+        raise FlattenIncomplete(f"flatten incomplete ({summary}); see the artifact: errors {report.errors}, "
+                                f"sales not filled {[s for s in report.sales if s['status'] != 'filled']}")
+    return {"summary": summary, **report.detail()}
 
 
 class FlattenIncomplete(RuntimeError):
-    """Some markets could not be cancelled or sold; the artifact lists them."""
+    """An order could not be cancelled, or a sale has no report or did not fill in full; the artifact lists them."""
