@@ -28,7 +28,7 @@ import redis.asyncio
 from pydantic import SecretStr
 
 from tests.integration.conftest import REPO_ROOT, SimHandle
-from trading.bus import KEY_INFLIGHT, KEY_KILL, KEY_OPEN_INTENTS, ORDERS_EXECUTED, ORDERS_SHADOW
+from trading.bus import KEY_INFLIGHT, KEY_KILL, KEY_OPEN_INTENTS, KEY_PNL_LIVE, ORDERS_EXECUTED, ORDERS_SHADOW
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.events import read_events
@@ -37,6 +37,7 @@ from trading.exchange.models import Order
 from trading.exchange.rest import BitvavoRest
 from trading.execution.executor import run_executor
 from trading.execution.live import KEY_LIVE_OPEN, LiveVenue, OrderOutcomeUnknownError
+from trading.flatten import flatten_intent
 from trading.golive import record_decision
 from trading.lease import LEASE_KEY_PREFIX
 from trading.orders import ExecutionReport, Intent, intent_id_for
@@ -510,3 +511,24 @@ async def test_exchange_refusal_is_a_rejected_report(
     assert _orders_for(rest, intent) == []
     await _record(client, [report])
     assert await venue.submit(intent) == [] and venue.blocked_reason() is None
+
+
+async def test_a_flatten_sale_passes_the_kill_switch_and_the_gate_at_the_send_claim_only_within_the_ledger(
+        venues: Callable[[], LiveVenue], client: redis.asyncio.Redis, rest: BitvavoRest) -> None:
+    venue = venues()
+    await venue.start()
+    await client.hset(KEY_PNL_LIVE, f"{MARKET}:position", "0.0002")
+    await client.set(KEY_KILL, "1")
+    await record_decision(client, decision="NO-GO", operator="preflight", reason="NO-GO", decided_ms=now_ms(),
+                          valid_for_ms=1)
+    beyond = flatten_intent(MARKET, D("0.0003"), dry_run=False, scope="ledger", ts=now_ms())
+    [refused] = await venue.submit(beyond)
+    assert refused.status == "rejected" and "beyond the live ledger position" in (refused.reason or "")
+    trade = _intent(side="sell", amount=D("0.0002"))
+    [killed] = await venue.submit(trade)
+    assert killed.status == "rejected" and "kill switch" in (killed.reason or "")
+    within = flatten_intent(MARKET, D("0.0002"), dry_run=False, scope="ledger", ts=now_ms())
+    [sold] = await venue.submit(within)
+    [order] = _orders_for(rest, within)
+    assert (sold.status, sold.order_id, order.side) == ("filled", order.order_id, "sell")
+    assert _orders_for(rest, beyond) == _orders_for(rest, trade) == []
