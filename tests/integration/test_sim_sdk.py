@@ -12,6 +12,7 @@ import pytest
 from python_bitvavo_api.bitvavo import Bitvavo
 
 from tests.integration.conftest import SimHandle, run_simulator
+from trading.exchange.models import Candle
 
 OPERATOR = 42
 
@@ -76,6 +77,25 @@ def test_public_endpoints(bv: Any) -> None:
     day = bv.ticker24h({"market": "BTC-EUR"})
     assert Decimal(day["volumeQuote"]) > 1_000_000 and Decimal(day["low"]) <= Decimal(day["high"])
     assert {row["market"] for row in bv.ticker24h({})} == {"BTC-EUR", "ETH-EUR", "WMTX-EUR"}
+
+
+def test_a_fresh_simulator_has_a_day_of_history_the_sdk_reads(sim_factory: Callable[..., SimHandle]) -> None:
+    bv = _client(sim_factory(markets="BTC-EUR", seed=9, book_rate=0.1))  # history, hardly any live trading yet
+    started = bv.time()["time"]
+    for interval, minutes in (("1m", 1), ("5m", 5), ("15m", 15), ("1h", 60), ("4h", 240), ("1d", 1440)):
+        rows = bv.candles("BTC-EUR", interval, {})
+        candles = [Candle.from_wire(row) for row in rows]
+        assert len(rows) >= 24 * 60 // minutes and rows[-1][0] <= started - 86_400_000 + minutes * 60_000
+        assert [c.open_ts for c in candles] == sorted((c.open_ts for c in candles), reverse=True)
+    newest = bv.candles("BTC-EUR", "5m", {"limit": 1})[0][0]
+    hour = bv.candles("BTC-EUR", "5m", {"limit": 12, "start": newest - 3_600_000, "end": newest})
+    assert [row[0] for row in hour] == [newest - i * 300_000 for i in range(1, 13)]
+    trades = bv.publicTrades("BTC-EUR", {"limit": 1000})
+    assert len(trades) == 1000 and trades[-1]["timestamp"] > started - 3_600_000
+    day = bv.ticker24h({"market": "BTC-EUR"})
+    one_minute = bv.candles("BTC-EUR", "1m", {})
+    assert Decimal(day["high"]) >= max(Decimal(c[2]) for c in one_minute)
+    assert Decimal(day["volumeQuote"]) > 30_000_000 and day["open"] is not None
 
 
 def test_order_lifecycle(bv: Any, sdk_sim: SimHandle) -> None:

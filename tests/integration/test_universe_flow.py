@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -104,13 +104,35 @@ def test_candles_missing_from_the_stream_come_from_rest(client: redis.Redis, sim
     assert inputs["WMTX-EUR"].listing is not None and inputs["WMTX-EUR"].listing.status == "halted"
     btc, eth, xrp = inputs["BTC-EUR"], inputs["ETH-EUR"], inputs["XRP-EUR"]
     assert btc.closes == [Decimal(c) for c in ZIGZAG[-6:]] and btc.closes_source == "stream"
-    assert eth.closes is not None and eth.closes_source == "rest"  # the young simulator has few candles
+    assert eth.closes is not None and eth.closes_source == "rest"  # not in the stream: the simulator's history
     assert xrp.closes is None and xrp.errors["candles"].startswith("malformed candle entry: field 'open_ts'")
     assert btc.levels is not None and btc.levels.bids and btc.levels.asks
     assert stats.tickers_from_rest == 4 and stats.probed == 3  # WMTX is halted: never probed
     assert stats.malformed_stream_entries == 1
     # markets, ticker/24h, candles for ETH, a book for each probed market
     assert stats.rest_calls == 1 + 1 + 1 + 3 and stats.rest_errors == 0
+
+
+def test_the_first_run_on_a_fresh_simulator_selects_markets(client: redis.Redis,
+                                                           sim_factory: Callable[..., SimHandle]) -> None:
+    """Nothing ingested yet and a simulator just started: its 24 h history gives every market the 48 + 1
+    closed 5m candles and the 24 h volume the deployment's filters (prefect.yaml) need, so the very first
+    run picks."""
+    fresh = sim_factory(seed=21, markets="BTC-EUR,ETH-EUR,XRP-EUR,PEAQ-EUR")
+    config = UniverseConfig(min_quote_volume_eur=Decimal(250000), max_spread_bps=Decimal(30),
+                            min_volatility_bps=Decimal(5), max_volatility_bps=Decimal(500),
+                            min_depth_eur=Decimal(5000), candle_interval="5m", volatility_candles=48)
+    rest = BitvavoRest(fresh.rest_url)
+    try:
+        outcome = run_selection(client, rest, config, now_ms=now_ms())
+    finally:
+        rest.close()
+    decision = outcome.decision
+    assert {"BTC-EUR", "ETH-EUR", "XRP-EUR"} <= set(decision.universe), outcome.summary()
+    assert not any(code.startswith("volatility") for code in decision.rejects), decision.rejects
+    reasons = json.loads(client.hget(KEY_UNIVERSE, "BTC-EUR") or "{}")["reasons"]
+    assert any(r.startswith("volatility ok:") and "over 48 5m returns (rest)" in r for r in reasons), reasons
+    assert outcome.stats.tickers_from_rest == 4
 
 
 async def ingest_selection(redis_url: str) -> MarketSelection:
