@@ -2,7 +2,13 @@
 
 Every check lands in a table artifact (`preflight-checklist`) and the verdict in a markdown
 artifact (`preflight-verdict`). A NO-GO closes the live gate (a NO-GO decision in
-`trading:golive`) and ends the run Failed, so it stands out in the run history.
+`trading:golive`) and ends the run Failed, so it stands out in the run history: the flow returns
+a Failed state whose message is the list of failed checks (what the UI shows first, with no
+traceback); its result is a `PreflightNoGo` with that message, raised to a calling flow.
+
+Maintenance checks on a fresh stack: a job whose first scheduled run has not come due yet (its
+deployment is younger than its schedule) is "not yet due", a SKIP in dry-run and a FAIL live,
+with the `prefect deployment run ...` that clears it (trading/preflight.py).
 """
 
 from __future__ import annotations
@@ -20,11 +26,15 @@ from prefect.client.schemas.filters import (
     FlowFilter,
     FlowFilterName,
     FlowRunFilter,
+    FlowRunFilterDeploymentId,
+    FlowRunFilterExpectedStartTime,
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import FlowRunSort
+from prefect.exceptions import ObjectNotFound
+from prefect.states import Failed
 
 from blocks.runtime import load_settings
 from deployments.automations import zombie_automation
@@ -49,18 +59,35 @@ LOOP_METRICS: dict[str, tuple[int, str]] = {
     "pnl": (9604, "trader_pnl_consumed"), "ops-metrics": (9605, "trading_ops_redis_up"),
 }
 MAINTENANCE_WINDOWS_H = {"lake-compaction": 26, "lake-rotation": 26, "backup": 26}  # flow name -> hours
+DUE_GRACE_MS = 3_600_000  # a run scheduled less than this ago may still be pending or running
 
 
-async def _last_completed_ms(flow_name: str) -> int | None:
-    """When a run of that flow last completed, scheduled or started by hand."""
+async def _schedule_history(flow_name: str, now: int) -> pf.ScheduleHistory:
+    """When a run of that flow last completed (scheduled or by hand), and, when it is deployed as
+    `<flow>/<flow>`, the newest of the deployment's runs that has come due (scheduled over
+    `DUE_GRACE_MS` ago: a run scheduled just now may still be starting)."""
     async with get_client() as client:
         runs = await client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
                 any_=[StateType.COMPLETED]))),
             sort=FlowRunSort.END_TIME_DESC, limit=1)
-    end = runs[0].end_time if runs else None
-    return int(end.timestamp() * 1000) if end else None
+        end = runs[0].end_time if runs else None
+        last = int(end.timestamp() * 1000) if end else None
+        name = f"{flow_name}/{flow_name}"
+        try:
+            deployment = await client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return pf.ScheduleHistory(last)
+        due = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]),
+                expected_start_time=FlowRunFilterExpectedStartTime.model_validate(  # validates a stdlib datetime
+                    {"before_": datetime.fromtimestamp((now - DUE_GRACE_MS) / 1000, UTC)})),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
+    expected = due[0].expected_start_time if due else None
+    due_run = (due[0].state_name or "unknown", int(expected.timestamp() * 1000)) if due and expected else None
+    return pf.ScheduleHistory(last, name, due_run)
 
 
 async def _orchestration() -> pf.CheckResult:
@@ -90,7 +117,7 @@ async def run_checklist(settings: Settings, url: str, *, live: bool, drill: bool
                 await pf.guarded("live ledger", pf.check_live_ledger(client, now_ms(), live=live)),
                 await pf.guarded("loops running (leases held)", pf.check_loops_running(client, loops)),
                 await pf.guarded("ingest streams fresh", pf.check_streams_fresh(
-                    client, (STREAM_BOOK, STREAM_TICKER24H), int(stream_max_age_s * 1000), now)),
+                    client, (STREAM_BOOK, STREAM_TICKER24H), int(stream_max_age_s * 1000))),
                 await pf.guarded("signal engine producing", pf.check_signal_engine(
                     client, settings.signal_stream, STREAM_BOOK, max_lag=1000)),
                 await pf.guarded("trading core intents match the mode", pf.check_dry_run_intents(
@@ -109,20 +136,28 @@ async def run_checklist(settings: Settings, url: str, *, live: bool, drill: bool
     checks.append(await pf.guarded("metrics endpoints", pf.check_metrics_endpoints(endpoints)))
     checks.append(await asyncio.to_thread(pf.check_lake, settings.parquet_dir,
                                           min_free_bytes=int(min_free_gb * 2**30), max_quiet_s=lake_quiet_s,
-                                          now=now))
+                                          now=now_ms()))
     checks.append(await pf.guarded("automations and a worker", _orchestration()))
     if check_maintenance:
+        backup_not_due = False
         for flow_name, hours in MAINTENANCE_WINDOWS_H.items():
-            checks.append(pf.check_ran_within(f"{flow_name} ran within {hours} h",
-                                              await _last_completed_ms(flow_name), hours * 3_600_000, now))
-        checks.append(await asyncio.to_thread(_last_backup_restores, default_backup_dir(settings)))
+            history = await _schedule_history(flow_name, now)
+            checks.append(pf.check_ran_within(f"{flow_name} ran within {hours} h", history, hours * 3_600_000,
+                                              now, live=live))
+            if flow_name == "backup":
+                backup_not_due = history.not_yet_due(hours * 3_600_000, now)
+        checks.append(await asyncio.to_thread(_last_backup_restores, default_backup_dir(settings),
+                                              not_due=backup_not_due, live=live))
     checks.append(await asyncio.to_thread(_credentials, settings, live))
     return pf.Verdict("live" if live else "dry-run", tuple(checks))
 
 
-def _last_backup_restores(backup_root: Path) -> pf.CheckResult:
+def _last_backup_restores(backup_root: Path, *, not_due: bool, live: bool) -> pf.CheckResult:
     name = "last backup restores"
     days = sorted(p for p in backup_root.glob("????-??-??") if p.is_dir()) if backup_root.is_dir() else []
+    if not days and not_due:
+        return pf.not_yet_due(name, f"no backup under {backup_root} yet, the first is scheduled",
+                              "`prefect deployment run backup/backup`", live=live)
     if not days:
         return pf.failed(name, f"no backup under {backup_root}")
     check = check_backup(days[-1])
@@ -150,9 +185,10 @@ def _credentials(settings: Settings, live: bool) -> pf.CheckResult:
 async def preflight(live: bool = False, drill: bool = True, loops: list[str] | None = None,
                     stream_max_age_s: float = 60.0, min_free_gb: float = 2.0, lake_quiet_s: float = 300.0,
                     check_maintenance: bool = True, metrics_ports: dict[str, int] | None = None,
-                    max_lateness_s: float = 1800.0) -> dict[str, Any]:
+                    max_lateness_s: float = 1800.0) -> Any:
     """The go-live checklist. `live=true` checks for live trading (DRY_RUN=false, credentials, no
-    withdrawal right); the default checks the dry-run stack. NO-GO fails the run.
+    withdrawal right); the default checks the dry-run stack. GO returns the summary; NO-GO ends
+    the run Failed with the failed checks as its message (a caller gets `PreflightNoGo`).
 
     A run that starts more than `max_lateness_s` after its schedule (a backlog after downtime)
     still checks everything but skips the kill-switch drill, and says so: flipping the switch at
@@ -186,7 +222,10 @@ async def preflight(live: bool = False, drill: bool = True, loops: list[str] | N
     summary = {"go": verdict.go, "mode": verdict.mode, "failed": [c.name for c in verdict.failed],
                "checks": [c.row() for c in verdict.checks]}
     if not verdict.go:
-        raise PreflightNoGo(f"NO-GO ({verdict.mode}): " + "; ".join(f"{c.name}: {c.detail}" for c in verdict.failed))
+        message = verdict.failure_message()
+        logger.error("preflight %s", message)
+        # A returned Failed state, not a raised exception: the run's message is this list, with no traceback.
+        return Failed(message=message, data=PreflightNoGo(message))
     logger.info("preflight %s: GO (%d checks)", verdict.mode, len(verdict.checks))
     return summary
 

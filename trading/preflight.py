@@ -4,6 +4,12 @@ Checks that need Prefect (automations, workers, when maintenance last ran) take 
 read from the API as plain values, so this module stays free of Prefect and every check can be
 tested on its own. `Verdict.go` is True only when no check failed; a skipped check (one that
 does not apply to the mode, such as credentials in a sim dry-run) does not fail the verdict.
+
+"Not yet due" is not "failed": a scheduled job (compaction, rotation, backup) whose first run has
+not come round since the stack was deployed has proven nothing, but nothing went wrong either.
+It is a SKIP in dry-run (a fresh stack can be trialled at once) and a FAIL live (live trading
+needs the proof); either way the detail names the command that clears it now. Ages are never
+negative: an entry stamped ahead of this host's clock is 0 ms old, and the skew is named.
 """
 
 from __future__ import annotations
@@ -72,6 +78,11 @@ class Verdict:
     def go(self) -> bool:
         return not self.failed
 
+    def failure_message(self) -> str:
+        """One readable line naming every failed check, for the run's state message."""
+        return (f"NO-GO ({self.mode}): {len(self.failed)} failed check(s): "
+                + "; ".join(f"{c.name}: {c.detail}" for c in self.failed))
+
     def markdown(self) -> str:
         head = f"## {'✅ GO' if self.go else '❌ NO-GO'} ({self.mode})\n\n"
         if self.go:
@@ -80,7 +91,7 @@ class Verdict:
             body = "Failed checks:\n\n" + "".join(f"- **{c.name}**: {c.detail}\n" for c in self.failed)
         skipped = [c for c in self.checks if c.status is Status.SKIP]
         if skipped:
-            body += "\nNot applicable:\n\n" + "".join(f"- {c.name}: {c.detail}\n" for c in skipped)
+            body += "\nNot applicable or not yet due:\n\n" + "".join(f"- {c.name}: {c.detail}\n" for c in skipped)
         return head + body
 
 
@@ -94,6 +105,20 @@ def failed(name: str, detail: str) -> CheckResult:
 
 def skipped(name: str, detail: str) -> CheckResult:
     return CheckResult(name, Status.SKIP, detail)
+
+
+def not_yet_due(name: str, why: str, clear: str, *, live: bool) -> CheckResult:
+    """SKIP in dry-run, FAIL live (see the module docstring); `clear` is the command that proves it now."""
+    detail = f"not yet due: {why}; to clear it now: {clear}"
+    return failed(name, detail) if live else skipped(name, detail)
+
+
+def age_ms(now: int, stamped_ms: int, clock: str) -> tuple[int, str]:
+    """The age clamped at 0, and a note naming the skew when `clock` stamped it ahead of this host."""
+    age = now - stamped_ms
+    if age >= 0:
+        return age, ""
+    return 0, f" ({clock} clock {-age} ms ahead of this host)"
 
 
 async def guarded(name: str, check: Awaitable[CheckResult], timeout_s: float = 30.0) -> CheckResult:
@@ -134,7 +159,10 @@ async def check_redis(client: Any) -> CheckResult:
     return passed(name, detail) if ratio < MEMORY_LIMIT_RATIO else failed(name, detail)
 
 
-async def check_streams_fresh(client: Any, streams: Iterable[str], max_age_ms: int, now: int) -> CheckResult:
+async def check_streams_fresh(client: Any, streams: Iterable[str], max_age_ms: int,
+                              clock: Callable[[], int] = now_ms) -> CheckResult:
+    """The newest entry's id is Redis's clock at XADD; it is compared with this host's clock read
+    right after it, so an age below 0 can only be the skew between the two, which is named."""
     name = "ingest streams fresh"
     stale: list[str] = []
     ages: list[str] = []
@@ -144,8 +172,8 @@ async def check_streams_fresh(client: Any, streams: Iterable[str], max_age_ms: i
             stale.append(f"{stream}: empty")
             continue
         entry_id = newest[0][0]
-        age = now - int(str(entry_id).split("-")[0])
-        ages.append(f"{stream} {age} ms")
+        age, skew = age_ms(clock(), int(as_text(entry_id).split("-")[0]), "Redis")
+        ages.append(f"{stream} {age} ms{skew}")
         if age > max_age_ms:
             stale.append(f"{stream}: newest entry {age / 1000:.1f}s old (limit {max_age_ms / 1000:.0f}s)")
     return failed(name, "; ".join(stale)) if stale else passed(name, "; ".join(ages))
@@ -329,19 +357,50 @@ def check_lake(parquet_dir: Path, *, min_free_bytes: int, max_quiet_s: float, no
     newest = max((p.stat().st_mtime for p in today.rglob("*.jsonl")), default=None) if today.is_dir() else None
     if newest is None:
         return failed(name, f"no hot files in today's partition {today}")
-    quiet = now / 1000 - newest
+    quiet = max(0.0, now / 1000 - newest)  # a file written after `now` was read is 0 s old
     if quiet > max_quiet_s:
         return failed(name, f"today's partition has not grown for {quiet:.0f}s (limit {max_quiet_s:.0f}s)")
     return passed(name, f"{free / 2**30:.1f} GiB free; today's partition written {quiet:.0f}s ago")
 
 
-def check_ran_within(name: str, last_completed_ms: int | None, window_ms: int, now: int) -> CheckResult:
-    if last_completed_ms is None:
-        return failed(name, "never completed")
-    age = now - last_completed_ms
-    if age > window_ms:
-        return failed(name, f"last completed {age / 3_600_000:.1f} h ago (window {window_ms / 3_600_000:.0f} h)")
-    return passed(name, f"last completed {age / 3_600_000:.1f} h ago")
+@dataclass(frozen=True)
+class ScheduleHistory:
+    """What Prefect knows of a scheduled job's runs (read by the flow).
+
+    `deployment` ("backup/backup") is None when the flow is not deployed (then only completions
+    count); `due_run` is the state name and scheduled time of the newest of its runs that has come
+    due, None when none has since the deployment was created.
+    """
+
+    last_completed_ms: int | None
+    deployment: str | None = None
+    due_run: tuple[str, int] | None = None
+
+    def completed_within(self, window_ms: int, now: int) -> bool:
+        return self.last_completed_ms is not None and now - self.last_completed_ms <= window_ms
+
+    def not_yet_due(self, window_ms: int, now: int) -> bool:
+        return self.deployment is not None and self.due_run is None and not self.completed_within(window_ms, now)
+
+
+def check_ran_within(name: str, history: ScheduleHistory, window_ms: int, now: int, *, live: bool) -> CheckResult:
+    """PASS when a run completed within the window; not yet due when no scheduled run has come due
+    since the deployment was created; otherwise FAIL, naming the newest due run's state."""
+    last = history.last_completed_ms
+    done = "never completed" if last is None else f"last completed {max(0, now - last) / 3_600_000:.1f} h ago"
+    if history.completed_within(window_ms, now):
+        return passed(name, done)
+    run = f"prefect deployment run {history.deployment}"
+    if history.not_yet_due(window_ms, now):
+        return not_yet_due(name, f"{done}, and no scheduled run has come due since the stack was deployed",
+                           f"`{run}`", live=live)
+    why = f"{done} (window {window_ms / 3_600_000:.0f} h)"
+    if history.due_run is not None:
+        state, scheduled = history.due_run
+        why += f"; newest due run is {state}, scheduled {max(0, now - scheduled) / 3_600_000:.1f} h ago"
+    if history.deployment is not None:
+        why += f"; once the cause is fixed: `{run}`"
+    return failed(name, why)
 
 
 # -- prefect (values read by the flow) --------------------------------------------------------

@@ -7,16 +7,20 @@ import asyncio
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import redis.asyncio
+from prefect.client.orchestration import get_client
+from prefect.states import Failed, Scheduled
 
-from deployments.automations import upsert_automations
+from deployments.automations import ensure_automations
 from flows.maintenance import backup, lake_compaction, lake_rotation
-from flows.preflight import PreflightNoGo, preflight, run_checklist
+from flows.preflight import PreflightNoGo, _schedule_history, preflight, run_checklist
 from tests.integration.conftest import SimHandle
 from tests.integration.stack import LOOPS, running_stack, stack_settings
 from trading.bus import KEY_KILL, KEY_PNL_LIVE
@@ -24,7 +28,7 @@ from trading.clock import now_ms
 from trading.golive import DECISION_GO, live_gate, record_decision
 from trading.orders import ExecutionReport, FillRecord
 from trading.pnl import Ledger
-from trading.preflight import Status, Verdict, check_live_ledger
+from trading.preflight import ScheduleHistory, Status, Verdict, check_live_ledger, check_ran_within
 from trading.processes import free_port, stop_process
 from trading.redis_conn import async_client
 
@@ -55,7 +59,7 @@ async def test_preflight_go_then_no_go_for_kill_switch_stopped_loop_and_redis_do
     settings = stack_settings(sim, redis_db_url, lake)
     monkeypatch.setenv("REDIS_URL", redis_db_url)
     monkeypatch.setenv("PARQUET_DIR", str(lake))
-    await upsert_automations()
+    await ensure_automations()
 
     async def checklist(url: str, ports: dict[str, int]) -> Verdict:
         return await run_checklist(settings, url, live=False, drill=True, loops=LOOPS, stream_max_age_s=30,
@@ -104,12 +108,44 @@ async def test_a_no_go_preflight_run_fails_and_closes_the_live_gate(
         await record_decision(client, decision=DECISION_GO, operator="test", reason="test", decided_ms=now_ms(),
                               valid_for_ms=3_600_000)
         assert (await live_gate(client, now_ms())).open
-        with pytest.raises(PreflightNoGo, match="loops running"):  # nothing runs here
+        with pytest.raises(PreflightNoGo, match="loops running"):  # nothing runs here; a caller gets the exception
             await preflight(drill=False, check_maintenance=False)
         gate = await live_gate(client, now_ms())
         assert not gate.open and "NO-GO" in gate.reason
+
+        # What the UI shows first: the run's state message is the readable list of failed checks.
+        state = await preflight(drill=False, check_maintenance=False, return_state=True)
+        assert state.is_failed() and state.message is not None
+        assert state.message.startswith("NO-GO (dry-run): ")
+        assert "loops running (leases held): not running" in state.message
+        assert "Traceback" not in state.message and "PreflightNoGo" not in state.message
+        async with get_client() as prefect:
+            stored = await prefect.read_flow_run(state.state_details.flow_run_id)
+        assert stored.state is not None and stored.state.message == state.message
     finally:
         await client.aclose()
+
+
+async def test_maintenance_on_a_fresh_deployment_is_not_yet_due_until_a_scheduled_run_comes_due(
+        prefect_api: str) -> None:
+    job = f"preflight-job-{uuid.uuid4().hex[:8]}"
+    now = now_ms()
+    async with get_client() as prefect:
+        deployment_id = await prefect.create_deployment(flow_id=await prefect.create_flow_from_name(job), name=job)
+    fresh = await _schedule_history(job, now)
+    assert fresh == ScheduleHistory(None, f"{job}/{job}", None)
+    dry = check_ran_within(job, fresh, 26 * 3_600_000, now, live=False)
+    assert dry.status is Status.SKIP and f"`prefect deployment run {job}/{job}`" in dry.detail
+    assert check_ran_within(job, fresh, 26 * 3_600_000, now, live=True).status is Status.FAIL
+
+    async with get_client() as prefect:  # a scheduled run came due two hours ago, and failed
+        run = await prefect.create_flow_run_from_deployment(
+            deployment_id, state=Scheduled(scheduled_time=datetime.now(UTC) - timedelta(hours=2)))
+        await prefect.set_flow_run_state(run.id, Failed(message="disk full"), force=True)
+    due = await _schedule_history(job, now_ms())
+    assert due.due_run is not None and due.due_run[0] == "Failed"
+    result = check_ran_within(job, due, 26 * 3_600_000, now_ms(), live=False)
+    assert result.status is Status.FAIL and "newest due run is Failed, scheduled 2.0 h ago" in result.detail
 
 
 async def test_the_checklist_shows_the_live_ledger_and_fails_live_without_a_fresh_one(
