@@ -107,6 +107,7 @@ INTENT_SCHEMA: Schema = {
     "intent_id": FieldKind.STR, "signal_id": FieldKind.STR, "market": FieldKind.STR, "side": FieldKind.STR,
     "order_type": FieldKind.STR, "amount": _DEC, "amount_quote": _DEC, "price": _DEC,
     "time_in_force": FieldKind.STR, "dry_run": FieldKind.BOOL, "notional": _DEC, "reduce_only": FieldKind.BOOL,
+    "purpose": FieldKind.STR, "scope": FieldKind.STR,  # flatten intents only (trading/orders.py); absent: a trade
 }
 EXECUTION_SCHEMA: Schema = {
     "intent_id": FieldKind.STR, "order_id": FieldKind.STR, "market": FieldKind.STR, "side": FieldKind.STR,

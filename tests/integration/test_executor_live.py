@@ -385,7 +385,8 @@ async def test_executor_killed_after_sending_restarts_with_one_order_and_one_exe
     [report] = await _executed(client, intent.intent_id)
     assert (report.status, report.order_id) == ("filled", order.order_id)
     assert {f.fill_id for f in report.fills} == {f.fill_id for f in order.fills}
-    assert await client.hlen(KEY_INFLIGHT) == 0 and await client.hlen(KEY_OPEN_INTENTS) == 0
+    assert await client.hlen(KEY_INFLIGHT) == 0  # the open intent waits for the PnL loop's booking
+    assert await client.hkeys(KEY_OPEN_INTENTS) == [intent.intent_id]
     assert (await client.xpending(ORDERS_SHADOW, "executor"))["pending"] == 0
     refusals = {e["type"] for e in await read_events(client)} & {"intent_expired", "venue_blocked"}
     assert refusals == set()

@@ -24,7 +24,14 @@ import redis.asyncio
 from pydantic import SecretStr
 
 from tests.integration.conftest import SimHandle
-from trading.bus import KEY_OPEN_INTENTS, ORDERS_EXECUTED, ORDERS_SHADOW, dead_letter_stream, decode_entry
+from trading.bus import (
+    KEY_OPEN_INTENTS,
+    ORDERS_EXECUTED,
+    ORDERS_SHADOW,
+    dead_letter_stream,
+    decode_entry,
+    pnl_key,
+)
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.decimals import ceil_to, floor_to
@@ -187,7 +194,8 @@ async def test_intents_fill_against_the_live_book_and_reports_follow_the_contrac
         assert orjson.loads(raw_buy["fills"])[0].keys() == {"fill_id", "ts", "amount", "price", "fee",
                                                             "fee_currency", "taker"}
 
-        assert await client.hlen(KEY_OPEN_INTENTS) == 0  # both final
+        # Both final, and still open: the PnL loop closes an intent when it books its report, never before.
+        assert set(await client.hkeys(KEY_OPEN_INTENTS)) == {buy.intent_id, sell.intent_id}
         events = [e for e in await read_events(client) if e["type"] == "order"]
         assert {e["intent_id"] for e in events} == {buy.intent_id, sell.intent_id}
         # The lake has the same rows.
@@ -231,7 +239,8 @@ async def test_kill_switch_stops_execution_until_cleared(sim: SimHandle, redis_d
             events = [e for e in await read_events(client) if e["type"] == "kill_switch" and e.get("intent_id")]
             assert [e["intent_id"] for e in events] == [i.intent_id for i in blocked]
             assert events[0]["severity"] == "warning" and events[0]["detail"]["action"] == "refused"
-            assert await client.hlen(KEY_OPEN_INTENTS) == 0  # blocked intents are no longer open
+            # Blocked intents are no longer open; executed ones stay open until the PnL loop books them.
+            assert set(await client.hkeys(KEY_OPEN_INTENTS)) == {i.intent_id for i in before}
 
             await set_kill_switch(client, enabled=False, operator="test", reason="resume")
             after = [_intent(amount_quote=D("20")) for _ in range(2)]
@@ -278,7 +287,8 @@ async def test_bad_and_refused_intents_do_not_stop_the_loop(sim: SimHandle, redi
         assert events[stale.intent_id]["type"] == "intent_expired"
         assert events[live.intent_id]["type"] == "mode_mismatch" and events[live.intent_id]["severity"] == "critical"
         assert events[unknown.intent_id]["type"] == "intent_rejected"
-        assert await client.hlen(KEY_OPEN_INTENTS) == 0  # none of them stays open
+        # None of the refused ones stays open; the good one waits for the PnL loop's booking.
+        assert await client.hkeys(KEY_OPEN_INTENTS) == [good.intent_id]
     finally:
         await client.aclose()
 
@@ -366,7 +376,7 @@ async def test_resting_paper_orders_are_closed_as_canceled_on_restart(sim: SimHa
             _, canceled = await _wait_reports(client, 2)
         assert canceled.intent_id == resting.intent_id and canceled.order_id == accepted.order_id
         assert canceled.status == "canceled" and canceled.reason == RESTART_REASON and canceled.fills == ()
-        assert not await client.hexists(KEY_OPEN_INTENTS, resting.intent_id)
+        assert await client.hexists(KEY_OPEN_INTENTS, resting.intent_id)  # until the PnL loop books the cancel
         assert not await client.hexists(KEY_PAPER_OPEN, resting.intent_id)
     finally:
         rest.close()
@@ -498,3 +508,23 @@ async def test_an_abandoned_open_intent_is_released(sim: SimHandle, redis_db_url
 
 async def _async_not(check: Awaitable[Any]) -> bool:
     return not await check
+
+
+async def test_the_paper_account_holds_the_paper_ledgers_positions_after_a_restart(
+        sim: SimHandle, redis_db_url: str, tmp_path: Path) -> None:
+    """Coins bought on paper in an earlier run are in the paper account of the next one: a paper sell is
+    judged against the paper book, not refused [216] because the account restarted from EUR only."""
+    settings = _settings(sim, tmp_path)
+    client = async_client(redis_db_url)
+    try:
+        await client.hset(pnl_key(True), mapping={"BTC-EUR:position": "0.002", "ETH-EUR:position": "0",
+                                                  "updated_ts": str(now_ms())})
+        sell = _intent(side="sell", amount=D("0.002"))
+        too_much = _intent(side="sell", amount=D("0.001"))  # nothing left once the first sold it all
+        async with _executor(settings, redis_db_url, _venue(settings, balances={"EUR": D(1000)})):
+            await _send(client, sell, too_much)
+            sold, refused = await _wait_reports(client, 2)
+        assert (sold.intent_id, sold.status, sold.filled_amount) == (sell.intent_id, "filled", D("0.002"))
+        assert refused.status == "rejected" and "[216]" in (refused.reason or "")
+    finally:
+        await client.aclose()

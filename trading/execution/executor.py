@@ -46,6 +46,7 @@ import logging
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ from trading.consumer import ConsumerMetrics, GroupConsumer, RejectEntry, Stream
 from trading.decimals import DecimalParseError, format_decimal, parse_decimal
 from trading.events import Severity, queue_event
 from trading.exchange.errors import BitvavoError
-from trading.execution.paper import KEY_PAPER_OPEN, restart_cancellations
+from trading.execution.paper import KEY_PAPER_OPEN, PaperVenue, restart_cancellations
 from trading.golive import live_gate
 from trading.lake import HOUR_MS, LakeFormatError, LakeWriteError, LakeWriter, TornTail, read_jsonl
 from trading.lease import Lease
@@ -223,6 +224,8 @@ class Executor:
         if copied:
             log.warning("executor: %d orders:executed entries committed by the previous instance copied to the "
                         "lake", copied)
+        if isinstance(self.venue, PaperVenue):
+            self.venue.hold(await self._paper_positions())
         await self.venue.start()
         await self.recover_paper_orders()
         self._ready.set()
@@ -427,8 +430,8 @@ class Executor:
             # Never trimmed: the PnL ledger is rebuilt from this stream at every start, and a trimmed buy
             # under a kept sell would turn into a phantom short (docs/pnl.md). Executions are few.
             tx.xadd(ORDERS_EXECUTED, fields)
-            if report.final:
-                tx.hdel(KEY_OPEN_INTENTS, intent_id)
+            # The open intent stays until the PnL loop books this report (it removes it in that same
+            # transaction): the core counts a sell against the inventory until its fills are in the ledger.
             if report.dry_run:
                 if report.final:
                     tx.hdel(KEY_PAPER_OPEN, intent_id)
@@ -491,6 +494,23 @@ class Executor:
         self._poll_backlog = [r for r in self._poll_backlog if id(r) not in recorded]
         self._lake_due.set()
         self._count_reports(ready)
+
+    async def _paper_positions(self) -> dict[str, Decimal]:
+        """The paper ledger's positions (`trading:pnl:paper`); an unreadable one is left out, and said."""
+        held: dict[str, Decimal] = {}
+        for key, raw in (await self.client.hgetall(pnl_key(True))).items():
+            if not key.endswith(":position"):
+                continue
+            market = key.removesuffix(":position")
+            try:
+                amount = parse_decimal(raw, key)
+            except DecimalParseError:
+                log.warning("executor: paper ledger %s is %r, not a decimal: the paper account holds no %s", key,
+                            raw[:40], market)
+                continue
+            if amount > 0:
+                held[market] = amount
+        return held
 
     async def recover_paper_orders(self) -> None:
         """Paper orders lived in the previous process: close each with a final `canceled` report."""

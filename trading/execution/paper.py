@@ -175,6 +175,16 @@ class PaperVenue:
         """Public market data only (no credentials): REST rules and the WebSocket `book` channel."""
         return cls(markets=markets, rest_url=settings.bitvavo_rest_url, ws_url=settings.bitvavo_ws_url, **options)
 
+    def hold(self, positions: Mapping[str, Decimal]) -> None:
+        """Before `start()`: the paper account holds each market's base `positions` (the paper ledger's), so
+        a paper sell of coins bought in an earlier run is judged against what the paper book holds."""
+        if self._engine is not None:
+            raise RuntimeError("paper holdings are set before the venue starts")
+        for market, amount in positions.items():
+            if not amount.is_finite() or amount < 0:
+                raise ValueError(f"paper holding of {market} must be a finite amount >= 0, got {amount}")
+            self._balances[market.partition("-")[0]] = amount
+
     # -- Venue protocol -----------------------------------------------------------------------
 
     async def start(self) -> None:
