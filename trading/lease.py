@@ -136,13 +136,15 @@ class RedisLease:
         holder = LeaseHolder(host=socket.gethostname(), pid=os.getpid(), started_ms=now_ms())
         value = orjson.dumps({"token": secrets.token_hex(16), "host": holder.host, "pid": holder.pid,
                               "started_ms": holder.started_ms}).decode()
+        # Kept before the call: cancelled after Redis ran the script, `release()` can still delete the key.
+        self._value = value
         result = await self._acquire(keys=[self._key, self._fencing_key], args=[value, self.ttl_ms])
         if isinstance(result, list):
+            self._value = None
             if raise_held:
                 current, ttl_ms = result
                 raise LeaseHeldError(self.name, _holder_from_value(current) if current else None, int(ttl_ms))
             return None
-        self._value = value
         self.lease = Lease(name=self.name, fencing_token=int(result), holder=holder)
         return self.lease
 

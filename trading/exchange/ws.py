@@ -113,7 +113,8 @@ class BitvavoWebSocket:
         return self._ws is not None and not self._ws.closed and self._connected.is_set()
 
     async def wait_connected(self, timeout_s: float | None = None) -> None:
-        await asyncio.wait_for(self._connected.wait(), timeout_s)
+        async with asyncio.timeout(timeout_s):  # not wait_for: on Python 3.11 it can lose a cancel
+            await self._connected.wait()
 
     async def subscribe(self, name: str, markets: Iterable[str], interval: str | None = None) -> None:
         wanted = set(markets)
@@ -150,7 +151,8 @@ class BitvavoWebSocket:
             await self._send({"action": action, "requestId": request_id, **params},
                              weight=ws_action_weight(action, params), connection=connection)
             sent = True
-            return await asyncio.wait_for(future, self.request_timeout_s)
+            async with asyncio.timeout(self.request_timeout_s):
+                return await future
         except (TimeoutError, WebSocketClosedError) as exc:
             if sent and action in _UNSAFE_ACTIONS:
                 raise OutcomeUncertainError(109, f"{action} was sent but its reply was lost: {exc!r}") from exc
@@ -362,7 +364,8 @@ class BitvavoWebSocket:
         await self._send({"action": "authenticate", "key": self._api_key.get_secret_value(),
                           "signature": websocket_signature(self._api_secret.get_secret_value(), timestamp),
                           "timestamp": timestamp, "window": str(self.access_window_ms)})
-        await asyncio.wait_for(self._auth_future, self.request_timeout_s)
+        async with asyncio.timeout(self.request_timeout_s):
+            await self._auth_future
         self.authenticated = True
 
     def _resolve_auth(self, frame: dict[str, Any]) -> None:

@@ -10,7 +10,9 @@ around it:
   disk error stops the loop loudly), then the Redis streams, written in the background while the
   socket is read on (a Redis outage is counted and survived: the lake has it);
 - the `ingest_*` metrics endpoint on 127.0.0.1;
-- an optional `duration_s` after which it stops cleanly (tests, demos, bounded segments).
+- an optional `duration_s` after which it stops cleanly (tests, demos, bounded segments);
+- stopping on a cancel as every loop does (`trading.loop`: `run_together`, the lease released
+  with a bound).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from trading.gaps import GapKind, GapLedger, GapRecord
 from trading.ingest.markets import UniverseWatcher, select_markets
 from trading.lake import LakeWriter
 from trading.lease import RedisLease
+from trading.loop import release, run_together
 from trading.metrics import IngestMetrics
 from trading.redis_conn import async_client
 
@@ -301,17 +304,9 @@ async def run_ingest(handler: IngestHandler, settings: Settings, *, redis_url: s
 
         try:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(duration_s), asyncio.TaskGroup() as tasks:
-                    tasks.create_task(ws.run())
-                    tasks.create_task(lease.keep_renewed())
-                    tasks.create_task(flush_forever())
-                    tasks.create_task(follow_universe())
-                    tasks.create_task(refresh_gauges_forever())
-        except BaseExceptionGroup as group:
-            # One failure (disk full, lost lease) is the story; unwrap it for a clear error.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
+                async with asyncio.timeout(duration_s):
+                    await run_together([ws.run(), lease.keep_renewed(), flush_forever(), follow_universe(),
+                                        refresh_gauges_forever()])
         finally:
             await handler.close()
             await ws.close()
@@ -325,6 +320,5 @@ async def run_ingest(handler: IngestHandler, settings: Settings, *, redis_url: s
                              publisher.stats.entries_written, publisher.stats.batches_failed, ws.stats.reconnects,
                              ws.stats.malformed_frames, held.fencing_token, dict(handler.summary()))
     finally:
-        with contextlib.suppress(Exception):
-            await lease.release()
+        await release(lease)
         await client.aclose()
