@@ -2,7 +2,8 @@
 
 Every loop is the production `run_*` function on the simulator and a real Redis, each on its
 own free metrics port, under its lease, until the context exits (cancelled like a Prefect
-cancel). Tests use it for the end-to-end chain and preflight.
+cancel; a loop still running after its grace period fails the test). Tests use it for the
+end-to-end chain and preflight.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from trading.ingest.orderbook import OrderbookIngest
 from trading.ingest.runner import run_ingest
 from trading.ingest.ticker24h import Ticker24hIngest
 from trading.lease import LEASE_KEY_PREFIX
+from trading.loop import STOP_GRACE_S
 from trading.ops_metrics import run_ops_exporter
 from trading.pnl_orchestrator import run_pnl
 from trading.processes import free_port
@@ -110,21 +112,22 @@ async def running_stack(settings: Settings, redis_url: str, *, loops: tuple[str,
             await client.aclose()
 
 
-async def stop_tasks(tasks: Mapping[str, asyncio.Task[Any]], *, wait_s: float = 10.0, attempts: int = 3) -> None:
-    """Cancel the loops and wait for them, cancelling again like an escalating operator (Prefect sends
-    SIGTERM, then kills after its grace period). A loop that still runs after that is named, not waited
-    for forever: swallowing a cancellation is a bug to see."""
+async def stop_tasks(tasks: Mapping[str, asyncio.Task[Any]], *, grace_s: float = STOP_GRACE_S) -> None:
+    """Cancel the loops once, as an operator's cancel does, and fail naming any loop that has not ended
+    within its grace period (trading/loop.py: a cancelled loop ends within `STOP_GRACE_S`). Such a
+    loop is cancelled again and waited for a while more, only so that it does not outlive the test."""
     pending = {task: name for name, task in tasks.items() if not task.done()}
-    for _ in range(attempts):
-        if not pending:
-            break
-        for task in pending:
-            task.cancel()
-        done, _still = await asyncio.wait(pending, timeout=wait_s)
-        for task in done:
-            pending.pop(task)
+    for task in pending:
+        task.cancel()
+    ignored: set[asyncio.Task[Any]] = set()
+    if pending:
+        _done, ignored = await asyncio.wait(pending, timeout=grace_s)
+    for task in ignored:
+        task.cancel()
+    if ignored:
+        await asyncio.wait(ignored, timeout=grace_s)
     for task in tasks.values():
         if task.done() and not task.cancelled():
             with contextlib.suppress(Exception):
                 task.result()  # consumed: a loop's own failure was already reported by the test's waits
-    assert not pending, f"loops ignored {attempts} cancellations: {sorted(pending.values())}"
+    assert not ignored, f"loops still running {grace_s} s after a cancel: {sorted(pending[t] for t in ignored)}"
