@@ -118,3 +118,21 @@ def test_history_is_stamped_relative_to_the_start() -> None:
     on_the_minute = START - START % MINUTE
     rows = _exchange(start=on_the_minute).candles["BTC-EUR"]["1m"].query(1440, None, None)
     assert rows[0][0] == on_the_minute - MINUTE and rows[-1][0] == on_the_minute - HISTORY_MINUTES * MINUTE
+
+
+def test_a_shorter_or_no_past_on_request() -> None:
+    short = SimExchange(SimConfig(markets=("BTC-EUR",), history_minutes=30), clock_ms=lambda: START,
+                        clock_ns=lambda: START * 1_000_000)
+    assert len(short.candles["BTC-EUR"]["1m"].query(1440, None, None)) == 30
+    assert len(short.trades["BTC-EUR"].query(limit=1000)) >= 30 * 4
+    daily = CATALOG["BTC-EUR"].volume_quote_24h
+    assert Decimal(short.ticker24h_row("BTC-EUR")["volumeQuote"]) < daily * Decimal("1.2") * 30 / 1440
+    none = SimExchange(SimConfig(markets=("BTC-EUR",), history_minutes=0), clock_ms=lambda: START,
+                       clock_ns=lambda: START * 1_000_000)
+    assert all(not series.query(1440, None, None) for series in none.candles["BTC-EUR"].values())
+    assert none.trades["BTC-EUR"].query(limit=10) == [] and none.last_price("BTC-EUR") is None
+    row = none.ticker24h_row("BTC-EUR")
+    assert (row["open"], row["last"], row["volume"]) == (None, None, "0")
+    none.step_all()  # live trading starts from nothing, as before the history existed
+    with pytest.raises(ValueError, match=r"0\.\.1440"):
+        backfill(CATALOG["BTC-EUR"], 5, START, 1441)

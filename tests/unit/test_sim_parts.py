@@ -126,12 +126,14 @@ def test_cli_defaults_and_flags() -> None:
     assert (config.host, config.port, config.rate_limit, config.book_rate, level) == (
         "127.0.0.1", 0, 1000, 10.0, "WARNING")
     assert len(config.api_key) == 64 and config.markets == DEFAULT_MARKETS
-    assert (config.key_ban_seconds, config.ip_ban_seconds) == (60.0, 900.0)
+    assert (config.key_ban_seconds, config.ip_ban_seconds, config.history_minutes) == (60.0, 900.0, 1440)
     config, _ = parse_args(["--port", "8123", "--seed", "4", "--markets", "BTC-EUR,WMTX-EUR", "--balance",
-                            "EUR=5.5,btc=0.1", "--ban-seconds", "2", "--rate-limit", "50", "--book-rate", "40"])
-    assert (config.port, config.seed, config.markets) == (8123, 4, ("BTC-EUR", "WMTX-EUR"))
+                            "EUR=5.5,btc=0.1", "--ban-seconds", "2", "--rate-limit", "50", "--book-rate", "40",
+                            "--history-minutes", "0"])
+    assert (config.port, config.seed, config.markets, config.history_minutes) == (8123, 4, ("BTC-EUR", "WMTX-EUR"), 0)
     assert config.balances == {"EUR": Decimal("5.5"), "BTC": Decimal("0.1")}
     assert (config.key_ban_seconds, config.ip_ban_seconds, config.rate_limit, config.book_rate) == (2, 2, 50, 40)
-    for bad in (["--api-key", "short"], ["--markets", "NOPE-EUR"], ["--balance", "EUR=NaN"], ["--book-rate", "0"]):
+    for bad in (["--api-key", "short"], ["--markets", "NOPE-EUR"], ["--balance", "EUR=NaN"], ["--book-rate", "0"],
+                ["--history-minutes", "1441"]):
         with pytest.raises(SystemExit):
             parse_args(bad)

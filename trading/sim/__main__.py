@@ -19,6 +19,7 @@ from aiohttp import web
 from trading.decimals import DecimalParseError, parse_decimal
 from trading.sim.app import build_app
 from trading.sim.auth import KEY_LENGTH
+from trading.sim.backfill import HISTORY_MINUTES
 from trading.sim.config import DEFAULT_API_KEY, DEFAULT_API_SECRET, DEFAULT_BALANCES, SimConfig
 from trading.sim.exchange import SimExchange
 from trading.sim.markets import CATALOG, DEFAULT_MARKETS
@@ -74,16 +75,21 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[SimConfig, str]:
     parser.add_argument("--levels", type=int, default=defaults.levels, help="market-maker levels per side")
     parser.add_argument("--history-limit", type=int, default=defaults.history_limit,
                         help="closed orders and fills kept per account and market")
+    parser.add_argument("--history-minutes", type=int, default=defaults.history_minutes,
+                        help="minutes of generated past per market before the start, 0..1440 (0: none)")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     if args.book_rate <= 0 or args.rate_limit <= 0 or args.levels < 1 or args.history_limit < 1:
         parser.error("--book-rate, --rate-limit, --levels and --history-limit must be positive")
+    if not 0 <= args.history_minutes <= HISTORY_MINUTES:
+        parser.error(f"--history-minutes must be within 0..{HISTORY_MINUTES}")
     return SimConfig(
         host=HOST, port=args.port, seed=args.seed, markets=args.markets, api_key=args.api_key,
         api_secret=args.api_secret, balances=dict(args.balance), rate_limit=args.rate_limit,
         key_ban_seconds=args.ban_seconds if args.ban_seconds is not None else defaults.key_ban_seconds,
         ip_ban_seconds=args.ban_seconds if args.ban_seconds is not None else defaults.ip_ban_seconds,
-        book_rate=args.book_rate, levels=args.levels, history_limit=args.history_limit), args.log_level.upper()
+        book_rate=args.book_rate, levels=args.levels, history_limit=args.history_limit,
+        history_minutes=args.history_minutes), args.log_level.upper()
 
 
 async def serve(config: SimConfig) -> None:

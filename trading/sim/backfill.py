@@ -2,8 +2,8 @@
 
 Per market, `backfill(spec, seed, start_ms)` generates:
 
-* **one-minute bars** for the 1440 minutes ending with the one holding `start_ms - 1` (24 h; the
-  newest may be partial): a seeded random walk of the price with calm/volatile regimes, drawn
+* **one-minute bars** for the 1440 minutes (24 h; fewer when asked) ending with the one holding
+  `start_ms - 1` (the newest may be partial): a seeded random walk of the price with calm/volatile regimes, drawn
   directly as candles, never traded through the matching engine (that would cost seconds);
 * **candles of every interval** Bitvavo serves, exact aggregates of those bars (1W and 1M of the
   1d candles, whose buckets they contain);
@@ -110,12 +110,15 @@ def _aggregate(bars: Iterable[Bar], interval: str) -> list[Bar]:
             for start, group in zip(starts, groups, strict=True)]
 
 
-def backfill(spec: MarketSpec, seed: int, start_ms: int) -> Backfill:
+def backfill(spec: MarketSpec, seed: int, start_ms: int, minutes: int = HISTORY_MINUTES) -> Backfill:
+    """`minutes` (0..HISTORY_MINUTES) shortens the past; 0 gives none (a market that never traded)."""
+    if not 0 <= minutes <= HISTORY_MINUTES:
+        raise ValueError(f"history minutes must be within 0..{HISTORY_MINUTES}, got {minutes}")
     rng = random.Random(f"{seed}:{spec.market}:backfill")
     tick = float(spec.tick)
     lot = 10.0 ** -spec.quantity_decimals
     newest = bucket_start(start_ms - 1, "1m")
-    starts = [newest - (HISTORY_MINUTES - 1 - i) * _MINUTE_MS for i in range(HISTORY_MINUTES)]
+    starts = [newest - (minutes - 1 - i) * _MINUTE_MS for i in range(minutes)]
 
     # The walk: log returns drawn forward in time, then anchored so the newest close is the start price.
     returns: list[float] = []
@@ -127,9 +130,9 @@ def backfill(spec: MarketSpec, seed: int, start_ms: int) -> Backfill:
         sigma = _VOLATILE_SIGMA if volatile else _CALM_SIGMA
         sigmas.append(sigma)
         returns.append(rng.gauss(0.0, sigma))
-    log_close = [0.0] * HISTORY_MINUTES
+    log_close = [0.0] * minutes
     level = math.log(float(spec.best_bid))
-    for i in range(HISTORY_MINUTES - 1, -1, -1):
+    for i in range(minutes - 1, -1, -1):
         log_close[i] = level
         level -= returns[i]
     first_open = level
@@ -137,26 +140,26 @@ def backfill(spec: MarketSpec, seed: int, start_ms: int) -> Backfill:
     def ticks(log_price: float) -> int:
         return max(1, round(math.exp(log_price) / tick))
 
-    daily_quote = float(spec.volume_quote_24h) * rng.uniform(0.8, 1.2)
+    period_quote = float(spec.volume_quote_24h) * rng.uniform(0.8, 1.2) * minutes / HISTORY_MINUTES
     weights = [rng.lognormvariate(0.0, 0.8) * (_VOLATILE_VOLUME if s == _VOLATILE_SIGMA else 1.0) for s in sigmas]
-    total_weight = sum(weights)
+    total_weight = sum(weights) or 1.0
     typical_trade = max(12.0, float(spec.volume_quote_24h) / 86_400)
     ids = random.Random(f"{seed}:{spec.market}:backfill-ids")
 
-    minutes: list[Bar] = []
+    bars: list[Bar] = []
     trades: list[Trade] = []
     volume_quote: list[Decimal] = []
     previous_close = ticks(first_open)
     for i, start in enumerate(starts):
         open_ = previous_close
-        close = int(spec.best_bid / spec.tick) if i == HISTORY_MINUTES - 1 else ticks(log_close[i])
+        close = int(spec.best_bid / spec.tick) if i == minutes - 1 else ticks(log_close[i])
         reference = max(open_, close)
         high = max(open_, close) + round(abs(rng.gauss(0.0, sigmas[i] / 2)) * reference)
         low = max(1, min(open_, close) - round(abs(rng.gauss(0.0, sigmas[i] / 2)) * reference))
-        quote = daily_quote * weights[i] / total_weight
+        quote = period_quote * weights[i] / total_weight
         lots = max(1, int(quote / ((open_ + close) / 2 * tick) / lot))
         end = min(start + _MINUTE_MS, start_ms)  # the newest minute may be cut by the start
-        if i >= HISTORY_MINUTES - TRADE_MINUTES:
+        if i >= minutes - TRADE_MINUTES:
             count = min(MAX_TRADES_PER_MINUTE, max(4, round(quote / typical_trade)))
             lots = max(lots, count)
             minute_trades = _trades(rng, ids, spec, start, end, (open_, high, low, close), lots, count)
@@ -167,9 +170,9 @@ def backfill(spec: MarketSpec, seed: int, start_ms: int) -> Backfill:
             vwap = Decimal((open_ + high + low + close) // 4) * spec.tick
             volume_quote.append(Decimal(lots).scaleb(-spec.quantity_decimals) * vwap)
             first_ts, last_ts = start, end - 1
-        minutes.append(Bar(start, open_, high, low, close, lots, first_ts, last_ts))
+        bars.append(Bar(start, open_, high, low, close, lots, first_ts, last_ts))
         previous_close = close
-    return Backfill(spec, fold_intervals(minutes), tuple(trades), tuple(volume_quote))
+    return Backfill(spec, fold_intervals(bars), tuple(trades), tuple(volume_quote))
 
 
 def _trades(rng: random.Random, ids: random.Random, spec: MarketSpec, start: int, end: int,

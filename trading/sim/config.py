@@ -31,3 +31,4 @@ class SimConfig:
     levels: int = 60  # market-maker levels per side
     history_limit: int = 1000  # closed orders and fills kept per account and market
     trade_history: int = 5000  # public trades kept per market
+    history_minutes: int = 1440  # generated past per market before the start (backfill.py); 0: none

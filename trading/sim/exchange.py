@@ -86,7 +86,7 @@ class SimExchange:
         for market, spec in self.specs.items():
             rng = random.Random(f"{config.seed}:{market}:history")
             self.feeds[market] = MarketFeed(nonce=rng.randrange(10_000_000, 400_000_000))
-            past = backfill(spec, config.seed, started)
+            past = backfill(spec, config.seed, started, config.history_minutes)
             self.trades[market] = TradeHistory(config.trade_history)
             for trade in past.trades:
                 self.trades[market].append(trade)
