@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 JSONL_SUFFIX = ".jsonl"
+PARQUET_SUFFIX = ".parquet"  # what compaction turns a closed JSONL file into (trading/maintenance/compaction.py)
 QUARANTINE_SUFFIX = ".quarantine"
 DEFAULT_TIME_FIELDS = ("recv_ts", "ts")
 _CHANNEL_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_]*(/[a-z0-9][a-z0-9_]*)*$")
@@ -100,6 +101,31 @@ def channel_files(root: Path, day: date, channel: str) -> list[Path]:
     """The JSONL files of one channel and UTC day, oldest first."""
     directory = channel_dir(root, day, channel)
     return sorted(directory.glob(f"*{JSONL_SUFFIX}")) if directory.is_dir() else []
+
+
+def channel_rows(root: Path, day: date, channel: str, *, on_torn_tail: Callable[[TornTail], None] | None = None
+                 ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(source, row) for every row of one channel and UTC day, hot and compacted alike, file by file in
+    name (= time) order. A file compaction has turned into Parquet is read from the Parquet; while both
+    exist (compaction verifies before it removes the JSONL), the JSONL is read. `source` is
+    `<path>:<line or row number>`."""
+    from trading.maintenance.parquet_rows import read_parquet_rows  # pyarrow only for readers that need it
+
+    directory = channel_dir(root, day, channel)
+    if not directory.is_dir():
+        return
+    stems = {path.name.removesuffix(JSONL_SUFFIX) for path in directory.glob(f"*{JSONL_SUFFIX}")}
+    compacted = {path.name.removesuffix(PARQUET_SUFFIX) for path in directory.glob(f"*{PARQUET_SUFFIX}")
+                 if not path.name.startswith(".")}  # not a compaction's temporary file
+    for stem in sorted(stems | compacted):
+        if stem in stems:
+            path = directory / (stem + JSONL_SUFFIX)
+            rows: Iterator[dict[str, Any]] = read_jsonl(path, on_torn_tail=on_torn_tail)
+        else:
+            path = directory / (stem + PARQUET_SUFFIX)
+            rows = iter(read_parquet_rows(path))
+        for number, row in enumerate(rows, 1):
+            yield f"{path}:{number}", row
 
 
 def read_jsonl(path: Path, *, on_torn_tail: Callable[[TornTail], None] | None = None) -> Iterator[dict[str, Any]]:

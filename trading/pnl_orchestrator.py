@@ -64,7 +64,7 @@ from trading.clock import now_ms
 from trading.config import Settings
 from trading.consumer import ConsumerMetrics, GroupConsumer, RejectEntry, StreamEntry
 from trading.events import Severity, queue_event
-from trading.lake import LakeWriteError, LakeWriter, TornTail, channel_files, read_jsonl, utc_day
+from trading.lake import LakeWriteError, LakeWriter, TornTail, channel_rows, utc_day
 from trading.lease import Lease, LeaseLostError
 from trading.log_sampling import worth_logging
 from trading.loop import every, run_guarded
@@ -137,23 +137,23 @@ async def rebuild_from_stream(client: redis.asyncio.Redis, *, stream: str = ORDE
 
 
 def rebuild_from_lake(parquet_dir: Path, days: Iterable[date]) -> Replay:
-    """The ledgers of the reports the executor recorded in the lake (`orders/executed`) on `days`, in order."""
+    """The ledgers of the reports the executor recorded in the lake (`orders/executed`) on `days`, in
+    order, from the hot JSONL files and the compacted Parquet alike."""
     replay = Replay()
 
     def torn(tail: TornTail) -> None:  # a writer crashed or is writing now: never half-parse a line
         log.warning("pnl replay: torn last line of %s (%d bytes) not read", tail.path, len(tail.fragment))
 
     for day in sorted(days):
-        for path in channel_files(parquet_dir, day, EXECUTED_LAKE_CHANNEL):
-            for number, row in enumerate(read_jsonl(path, on_torn_tail=torn), 1):
-                try:
-                    fields = encode_entry(row)  # the lake row back into its stream form
-                except EntryEncodeError as exc:
-                    replay.entries += 1
-                    replay.rejected += 1
-                    log.warning("pnl replay: %s:%d skipped: %s", path, number, exc)
-                    continue
-                replay.feed(fields, f"{path}:{number}")
+        for source, row in channel_rows(parquet_dir, day, EXECUTED_LAKE_CHANNEL, on_torn_tail=torn):
+            try:
+                fields = encode_entry({k: v for k, v in row.items() if v is not None})  # back into stream form
+            except EntryEncodeError as exc:
+                replay.entries += 1
+                replay.rejected += 1
+                log.warning("pnl replay: %s skipped: %s", source, exc)
+                continue
+            replay.feed(fields, source)
     return replay
 
 
@@ -481,7 +481,7 @@ async def run_pnl(settings: Settings, *, redis_url: str, duration_s: float | Non
         try:
             if loop.ready.is_set() and not lease_lost:
                 with contextlib.suppress(*_REDIS_DOWN, TimeoutError):
-                    async with asyncio.timeout(5):
+                    async with asyncio.timeout(2):  # well inside the loops' 10 s stop bound, Redis frozen or not
                         await loop.mark_and_publish()
                 loop.snapshot_to_lake()
         finally:

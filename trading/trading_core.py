@@ -154,7 +154,8 @@ async def load_market_rules(rest_url: str, *, timeout_s: float = 5.0) -> tuple[d
             rest.close()
 
     try:
-        rows = await asyncio.wait_for(asyncio.to_thread(fetch), timeout_s * 3)
+        async with asyncio.timeout(timeout_s * 3):  # not wait_for: on 3.11 it can swallow a cancel
+            rows = await asyncio.to_thread(fetch)
     except (BitvavoError, OSError, TimeoutError) as exc:
         return {}, f"GET /markets failed ({type(exc).__name__}: {exc}); fallback precision"
     try:

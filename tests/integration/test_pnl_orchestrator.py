@@ -39,6 +39,7 @@ from trading.config import Settings
 from trading.consumer import ConsumerMetrics, GroupConsumer
 from trading.events import read_events
 from trading.lake import DAY_MS, LakeWriter, channel_files, read_jsonl, utc_day
+from trading.maintenance.compaction import compact_lake
 from trading.orders import ExecutionReport
 from trading.pnl import Ledgers
 from trading.pnl_orchestrator import ledger_fields, main, rebuild_from_lake, rebuild_from_stream, run_pnl
@@ -168,6 +169,12 @@ async def test_executions_and_marks_give_the_hand_computed_pnl_and_rebuilds_agre
     assert (from_stream.paper.fills_applied, from_stream.live.fills_applied) == (9, 0)
     empty_live = await pnl(client, KEY_PNL_LIVE)
     assert from_stream.live.snapshot(int(empty_live["updated_ts"])) == empty_live
+    # Compaction turns the closed hours into Parquet (and removes the JSONL): the lake still rebuilds the same.
+    report = compact_lake(tmp_path, now_ms=now_ms() + 2 * DAY_MS, grace_ms=0, daily_grace_ms=0)
+    assert report.of("compacted") and not report.errors
+    assert not any(channel_files(tmp_path, day, "orders/executed") for day in (YESTERDAY, TODAY))
+    from_compacted = rebuild_from_lake(tmp_path, [YESTERDAY, TODAY]).ledgers
+    assert from_compacted == from_stream
     for ledger in (from_stream.paper, from_lake.paper):
         ledger.mark("BTC-EUR", Decimal("27500"))
         ledger.mark("ETH-EUR", Decimal("1700"))

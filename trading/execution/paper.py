@@ -338,7 +338,8 @@ class PaperVenue:
                     self.books._ensure_snapshot(market)
             self._books_wanted.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._books_wanted.wait(), _RESNAPSHOT_S)
+                async with asyncio.timeout(_RESNAPSHOT_S):  # not wait_for: on 3.11 it can swallow a cancel
+                    await self._books_wanted.wait()
 
     def _mirror(self, market: str, changes: Iterable[tuple[Side, Decimal, Decimal]]) -> None:
         engine = self._engine

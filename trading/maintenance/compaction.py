@@ -27,6 +27,7 @@ from typing import Any
 
 from trading.lake import (
     JSONL_SUFFIX,
+    PARQUET_SUFFIX,
     QUARANTINE_SUFFIX,
     LakeFormatError,
     LakeLockedError,
@@ -45,7 +46,6 @@ from trading.maintenance.parquet_rows import (
 )
 from trading.maintenance.partitions import day_partitions, jsonl_period, writer_lock
 
-PARQUET_SUFFIX = ".parquet"
 BATCH_ROWS = 50_000  # rows per Parquet row group; bounds memory for large hourly files
 
 COMPACTED = "compacted"  # Parquet written, verified, JSONL removed

@@ -23,9 +23,8 @@ from typing import Any
 import redis
 
 from trading.bus import as_text
-from trading.lake import JSONL_SUFFIX, LakeFormatError, TornTail, read_jsonl
+from trading.lake import JSONL_SUFFIX, PARQUET_SUFFIX, LakeFormatError, TornTail, read_jsonl
 from trading.maintenance.backup import LAKE_DIR, MANIFEST, REDIS_SNAPSHOT, BackupError, read_manifest
-from trading.maintenance.compaction import PARQUET_SUFFIX
 from trading.maintenance.fsutil import copy_durable, file_digest, fsync_tree
 from trading.maintenance.parquet_rows import ParquetError, parquet_facts, read_row_count
 from trading.maintenance.redis_snapshot import DumpedKey, RedisDumpError, restore_dump, server_version

@@ -123,7 +123,8 @@ class RestHandler:
             return error_response(api_error(fault.error_code), rate)
         # Hang past the client's timeout, then drop the connection without an answer.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.shutdown.wait(), fault.hang_seconds)
+            async with asyncio.timeout(fault.hang_seconds):
+                await self.shutdown.wait()
         if request.transport is not None:
             request.transport.close()
         return web.Response(status=504)
