@@ -14,12 +14,15 @@
   matters: PnL is FIFO) with a capped backoff, and after `max_attempts` deliveries, counted
   across restarts through the group's delivery counter, the entry goes to `:dead` too.
 - Redis being down is not the entry's fault: the loop backs off and reads again, without
-  counting an attempt against the entry.
+  counting an attempt against the entry. Neither is an orderly stop (a cancel): the entries
+  delivered to the stopping run and not acknowledged get their delivery count back, so only
+  runs that died on an entry count against it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -43,6 +46,7 @@ from trading.metrics import LabelCache
 
 log = logging.getLogger(__name__)
 
+UNDELIVER_TIMEOUT_S = 1.0  # inside the loops' 3 s cleanup bound (trading/loop.py)
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 DONE_TTL_S = 7 * 24 * 3600  # idempotency marks outlive any stream's retention
 
@@ -167,15 +171,36 @@ class GroupConsumer:
     async def run(self, handle: Handler) -> None:
         """Process entries until cancelled: the abandoned ones first, then new ones as they come."""
         backlog: list[StreamEntry] = []
+        try:
+            await self._run(handle, backlog)
+        except asyncio.CancelledError:
+            await self._undeliver(backlog)
+            raise
+
+    async def _undeliver(self, undone: list[StreamEntry]) -> None:
+        """An orderly stop is no failed delivery: the entries this run was handed and did not ack get their
+        delivery count back (XCLAIM RETRYCOUNT), so a loop stopped and started often never dead-letters
+        good entries as "not processed after N deliveries". Best effort, bounded: with Redis away the
+        counts stay one higher, as after a crash."""
+        by_count: dict[int, list[str]] = {}
+        for entry in undone:
+            by_count.setdefault(max(0, entry.deliveries - 1), []).append(entry.entry_id)
+        with contextlib.suppress(*_REDIS_DOWN, TimeoutError):
+            async with asyncio.timeout(UNDELIVER_TIMEOUT_S):
+                for count, ids in by_count.items():
+                    await self.client.xclaim(self.stream, self.group, self.consumer, 0, ids, retrycount=count,
+                                             justid=True)
+
+    async def _run(self, handle: Handler, backlog: list[StreamEntry]) -> None:
         started = False
         while True:
             try:
                 if not started:
                     await self.ensure_group()
-                    backlog = await self.claim_abandoned()
+                    backlog.extend(await self.claim_abandoned())
                     started = True
                 if not backlog:
-                    backlog = await self.read_new()
+                    backlog.extend(await self.read_new())
                 while backlog:
                     await self.process(backlog[0], handle)
                     backlog.pop(0)

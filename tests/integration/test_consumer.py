@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import orjson
@@ -254,3 +255,47 @@ async def test_on_commit_runs_once_per_committed_entry_and_never_retries_it(redi
     assert committed == ["k0", "k2"]  # not the dead-lettered k1; k2 once, not retried; the loop stopped
     assert await _out_keys(client) == ["k0", "k2"]
     await client.aclose()
+
+
+async def test_an_orderly_stop_does_not_count_as_a_delivery(client: redis.asyncio.Redis) -> None:
+    """Stopped (cancelled) again and again in the middle of its batch, a consumer never dead-letters good
+    entries for "too many deliveries": only runs that died holding an entry count against it."""
+    for n in range(5):
+        await client.xadd(STREAM, {"n": str(n)})
+    handled: list[str] = []
+    gate = asyncio.Event()
+
+    async def slow(entry: StreamEntry, tx: Any) -> None:
+        handled.append(entry.fields["n"])
+        await gate.wait()  # never set: every run is cancelled holding its first entry
+
+    for _ in range(8):  # more stops than max_attempts (5)
+        consumer = GroupConsumer(client, STREAM, "group", metrics=ConsumerMetrics("x", CollectorRegistry()),
+                                 start_id="0", block_ms=50)
+        task = asyncio.create_task(consumer.run(slow))
+        async with asyncio.timeout(10):
+            while len(handled) < 1:
+                await asyncio.sleep(0.01)
+        handled.clear()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    pending = await client.xpending_range(STREAM, "group", min="-", max="+", count=10)
+    assert len(pending) == 5 and max(int(p["times_delivered"]) for p in pending) <= 2
+    done: list[str] = []
+
+    async def record(entry: StreamEntry, tx: Any) -> None:
+        done.append(entry.fields["n"])
+
+    consumer = GroupConsumer(client, STREAM, "group", metrics=ConsumerMetrics("x", CollectorRegistry()),
+                             start_id="0", block_ms=50)
+    task = asyncio.create_task(consumer.run(record))
+    try:
+        async with asyncio.timeout(10):
+            while len(done) < 5:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert done == ["0", "1", "2", "3", "4"] and await client.xlen(STREAM + ":dead") == 0
