@@ -100,7 +100,7 @@ async def test_reconnect_windows_land_in_every_interval_ledger(sim_factory: Call
 async def test_backfill_fetches_what_the_socket_missed_and_never_refetches_known_empty_buckets(
         sim_factory: Callable[..., SimHandle], redis_db_url: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    sim = sim_factory(markets=MARKETS, book_rate=20)
+    sim = sim_factory("--history-minutes", "0", markets=MARKETS, book_rate=20)  # a market with no past
     sim.pause_feed()
     sim.step(300)  # trades now, in bucket `traded` (or the one before, had a minute just turned)
     traded = bucket_start(now_ms(), MINUTE)
