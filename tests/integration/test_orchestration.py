@@ -179,3 +179,38 @@ def test_a_killed_loop_runs_again_within_two_minutes_and_a_cancelled_one_stays_s
     finally:
         stop_process(worker, timeout_s=20)
         store.close()
+
+
+def test_a_failed_loop_run_is_restarted_after_its_back_off_and_the_history_says_why(
+        prefect_server: dict[str, str], redis_db_url: str, tmp_path: Path) -> None:
+    """The restart trigger for Failed (prefect.yaml, `schedule_after: 60`): the next run is created at
+    once, Scheduled 60 s after the failure, by the trigger named after the deployment."""
+    env = dict(prefect_server, REDIS_URL=redis_db_url, PARQUET_DIR=str(tmp_path / "lake"),
+               PREFECT_WORKER_QUERY_SECONDS="2")
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "local"], env=env, cwd=REPO_ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = redis.Redis.from_url(redis_db_url, decode_responses=True)
+    store.set(LEASE_KEY_PREFIX + "pnl", '{"host": "elsewhere", "pid": 1, "started_ms": 0}', px=300_000)
+    try:
+        with _client(prefect_server) as client:
+            deployment = client.read_deployment_by_name("pnl-orchestrator/pnl-orchestrator")
+            failing = client.create_flow_run_from_deployment(deployment.id, parameters={"lease_wait_s": 0})
+            failed = _wait_for(lambda: (run := client.read_flow_run(failing.id)).state_type == StateType.FAILED
+                               and run, 120, "the run to fail on the held lease")
+            assert "held by host=elsewhere" in (failed.state.message or ""), failed.state.message
+
+            def successor() -> FlowRun | None:
+                later = [r for r in _runs(client, deployment.id) if r.created > failed.created]
+                return later[0] if later else None
+
+            restart = _wait_for(successor, 60, "the Failed trigger's run")
+            assert restart.state_type == StateType.SCHEDULED
+            assert restart.created_by is not None and restart.created_by.type == "AUTOMATION"
+            assert restart.created_by.display_value == "pnl-orchestrator restarts 60 s after a Failed run"
+            assert restart.next_scheduled_start_time is not None and failed.state.timestamp is not None
+            back_off = (restart.next_scheduled_start_time - failed.state.timestamp).total_seconds()
+            assert 50 <= back_off <= 75, back_off
+            client.set_flow_run_state(restart.id, Cancelling(message="test over"), force=True)
+    finally:
+        stop_process(worker, timeout_s=20)
+        store.close()
