@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 from trading.bus import EXECUTION_SCHEMA, INTENT_SCHEMA, EntryDecodeError, decode_entry, encode_entry
 from trading.config import MARKET_PATTERN
 from trading.decimals import DecimalParseError, format_decimal, parse_decimal
+from trading.execution.market_rules_book import MarketRulesBook
 
 Side = Literal["buy", "sell"]
 OrderType = Literal["market", "limit"]
@@ -224,13 +225,22 @@ class ExecutionReport:
                    reason=f.get("reason"))
 
 
+class OrderOutcomeUnknownError(RuntimeError):
+    """A venue could not learn whether an intent's order exists. The venue keeps the intent in flight and
+    reports its order once the exchange answers (live: reconciliation); the intent is never sent again."""
+
+
 class Venue(Protocol):
     """Where intents become orders: paper (dry-run) or Bitvavo (live)."""
 
     dry_run: bool
+    market_rules: MarketRulesBook  # GET /markets, loaded by start(); the executor checks intents against it
 
     async def start(self) -> None:
-        """Connect; live: reconcile with the exchange before accepting orders."""
+        """Connect, load the market rules; live: reconcile with the exchange before accepting orders."""
+
+    async def best_price(self, market: str, side: Side) -> Decimal | None:
+        """The best opposite price an order of `side` meets first (best ask for a buy), or None when unknown."""
 
     def blocked_reason(self) -> str | None:
         """Why this venue refuses new orders right now (live: unreconciled mismatches), or None."""

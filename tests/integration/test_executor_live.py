@@ -36,11 +36,11 @@ from trading.exchange.governor import RateGovernor
 from trading.exchange.models import Order
 from trading.exchange.rest import BitvavoRest
 from trading.execution.executor import run_executor
-from trading.execution.live import KEY_LIVE_OPEN, LiveVenue, OrderOutcomeUnknownError
+from trading.execution.live import KEY_LIVE_OPEN, LiveVenue
 from trading.flatten import flatten_intent
 from trading.golive import record_decision
 from trading.lease import LEASE_KEY_PREFIX
-from trading.orders import ExecutionReport, Intent, intent_id_for
+from trading.orders import ExecutionReport, Intent, OrderOutcomeUnknownError, intent_id_for
 from trading.processes import stop_process
 from trading.redis_conn import async_client
 

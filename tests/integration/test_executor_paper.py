@@ -52,11 +52,15 @@ D = Decimal
 MARKETS = ("BTC-EUR", "ETH-EUR")
 RICH = {"EUR": D("1000000"), "BTC": D("2")}
 TAKER = D("0.0025")
+UNLIMITED = D("1e12")
 
 
 def _settings(sim: SimHandle, tmp_path: Path) -> Settings:
+    # Orders here walk whole book levels: the executor's hard limits sit above them (test_executor_checks.py
+    # tests the limits themselves).
     return Settings(parquet_dir=tmp_path / "lake", ingest_markets=MARKETS, bitvavo_rest_url=sim.rest_url,
-                    bitvavo_ws_url=sim.ws_url)
+                    bitvavo_ws_url=sim.ws_url, max_notional_per_order=UNLIMITED, max_exposure_per_market=UNLIMITED,
+                    max_exposure_total=UNLIMITED)
 
 
 
@@ -282,11 +286,11 @@ async def test_bad_and_refused_intents_do_not_stop_the_loop(sim: SimHandle, redi
 
         dead = [decode_entry(f) for _id, f in await client.xrange(dead_letter_stream(ORDERS_SHADOW))]
         assert [d["cause"] for d in dead] == ["rejected", "rejected"]
-        assert "amount_quote" in dead[0]["reason"] and "unknown market 'FOO-EUR'" in dead[1]["reason"]
+        assert "amount_quote" in dead[0]["reason"] and "market FOO-EUR is not listed" in dead[1]["reason"]
         events = {e["intent_id"]: e for e in await read_events(client) if e.get("intent_id")}
         assert events[stale.intent_id]["type"] == "intent_expired"
         assert events[live.intent_id]["type"] == "mode_mismatch" and events[live.intent_id]["severity"] == "critical"
-        assert events[unknown.intent_id]["type"] == "intent_rejected"
+        assert events[unknown.intent_id]["type"] == "intent_refused_by_executor"
         # None of the refused ones stays open; the good one waits for the PnL loop's booking.
         assert await client.hkeys(KEY_OPEN_INTENTS) == [good.intent_id]
     finally:

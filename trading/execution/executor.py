@@ -17,12 +17,20 @@ skipped silently. Per intent, in this order:
    scope `ledger`, the position of its mode's ledger (`trading:pnl:<mode>`); scope `account`
    (live only), the exchange's available balance, which the exchange enforces itself. Any other
    flatten intent is refused (`flatten_refused`); the other checks apply to it unchanged;
-4. `venue.submit(intent)`; bad input only the venue can judge (a market the exchange does not
-   list) comes back as `IntentError` → dead letter;
-5. the reports, in the consumer's transaction (with the ack): XADD to `orders:executed`, HDEL
-   `trading:intents:open` on a final report, the open paper order's last report in
-   `KEY_PAPER_OPEN`, HDEL `orders:inflight` for live reports, an `order` / `order_rejected`
-   event, the done mark.
+4. the executor's own checks (`intent_checks.check_intent`), unless the intent's order is already
+   out: the market rules the venue loaded (listed and trading, order type, price and amount
+   precision, minimum and maximum sizes) and the hard limits of Settings (max notional per order,
+   exposure per market and in total from the mode's ledger; not for flatten sales). A violation
+   never reaches the venue: `intent_refused_by_executor` event (critical: something wrote past the
+   trading core), `trading:intents:open` cleared, then `orders:shadow:dead` with the reason;
+5. `venue.submit(intent)`; bad input only the venue can judge comes back as `IntentError` → dead
+   letter. `OrderOutcomeUnknownError` (live: the exchange cannot say whether the order exists) is
+   not retried into a dead letter: the entry is done, an `order_outcome_unknown` event says so, and
+   the venue keeps the intent in flight and reports its order through `poll()` once it can;
+6. the reports, in the consumer's transaction (with the ack): XADD to `orders:executed`, the open
+   paper order's last report in `KEY_PAPER_OPEN`, HDEL `orders:inflight` for live reports, an
+   `order` / `order_rejected` event, the done mark (the PnL loop removes a final report's intent
+   from `trading:intents:open` when it books it).
 
 A second coroutine polls the venue every `poll_interval_s` (resting orders filling later) and
 records those reports the same way, one transaction per batch. At start, paper orders a previous
@@ -72,6 +80,7 @@ from trading.consumer import ConsumerMetrics, GroupConsumer, RejectEntry, Stream
 from trading.decimals import DecimalParseError, format_decimal, parse_decimal
 from trading.events import Severity, queue_event
 from trading.exchange.errors import BitvavoError
+from trading.execution.intent_checks import Violation, check_intent, ledger_fields, ledger_view
 from trading.execution.paper import KEY_PAPER_OPEN, PaperVenue, restart_cancellations
 from trading.golive import live_gate
 from trading.lake import HOUR_MS, LakeFormatError, LakeWriteError, LakeWriter, TornTail, read_jsonl
@@ -79,8 +88,9 @@ from trading.lease import Lease
 from trading.log_sampling import worth_logging
 from trading.loop import every, run_guarded
 from trading.metrics import LabelCache, MetricsEndpoint
-from trading.orders import ExecutionReport, Intent, IntentError, Venue
+from trading.orders import ExecutionReport, Intent, IntentError, OrderOutcomeUnknownError, Venue
 from trading.redis_conn import async_client
+from trading.risk import Limits
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +202,7 @@ class Executor:
         if max_intent_age_s <= 0 or poll_interval_s <= 0 or gauge_interval_s <= 0:
             raise ValueError("max_intent_age_s, poll_interval_s and gauge_interval_s must be positive")
         self.settings = settings
+        self.limits = Limits.from_settings(settings)  # the hard limits the executor enforces itself
         self.client: Any = client  # redis-py's async stubs type replies as sync|async unions
         self.venue = venue
         self.metrics = metrics
@@ -296,13 +307,24 @@ class Executor:
             self._queue_refusal(tx, intent, refusal)
             consumer.mark_done(tx, intent.intent_id)
             return
+        violation = None if already_out else await self._intent_check(intent)
+        if violation is not None:
+            await self._refuse_by_check(intent, violation)
+            raise RejectEntry(f"refused by the executor's checks: {violation}")
         self._uncommitted.add(intent.intent_id)
         started = time.perf_counter()
         try:
             reports = await self.venue.submit(intent)
-        except IntentError as exc:  # bad input only the venue can judge, e.g. a market the exchange does not list
+        except IntentError as exc:  # bad input only the venue can judge
             await self._forget_rejected(intent, str(exc))
             raise RejectEntry(str(exc)) from None
+        except OrderOutcomeUnknownError as exc:
+            # The order may exist and the exchange cannot say yet. The venue keeps the intent in flight and
+            # reports its order once the exchange answers (poll), so this entry is done: retrying it could
+            # only dead-letter it, and a dead letter would say the order never happened.
+            self._queue_outcome_unknown(tx, intent, str(exc))
+            consumer.mark_done(tx, intent.intent_id)
+            return
         self.metrics.submit_latency(mode).observe(time.perf_counter() - started)
         self._queue_reports(tx, reports)
         consumer.mark_done(tx, intent.intent_id)
@@ -336,6 +358,40 @@ class Executor:
             if blocked is not None:
                 return Refusal("venue_blocked", "venue_blocked", Severity.CRITICAL, blocked)
         return None
+
+    async def _intent_check(self, intent: Intent) -> Violation | None:
+        """The executor's own market-rule and hard-limit checks (trading/execution/intent_checks.py)."""
+        rules = await self.venue.market_rules.lookup(intent.market)
+        best_price = None
+        if rules is not None and intent.order_type == "market" and intent.amount is not None:
+            best_price = await self.venue.best_price(intent.market, intent.side)
+        ledger = ledger_view(await self.client.hmget(pnl_key(intent.dry_run), ledger_fields(intent.market)),
+                             now_ms())
+        return check_intent(intent, rules, self.limits, ledger, best_price)
+
+    async def _refuse_by_check(self, intent: Intent, violation: Violation) -> None:
+        """Before the dead letter: a critical event (something wrote past the trading core), the intent released."""
+        self._uncommitted.discard(intent.intent_id)
+        self.metrics.refusals("intent_check").inc()
+        self.summary.refusals["intent_check"] = self.summary.refusals.get("intent_check", 0) + 1
+        async with self.client.pipeline(transaction=True) as tx:
+            tx.hdel(KEY_OPEN_INTENTS, intent.intent_id)
+            queue_event(tx, "intent_refused_by_executor", Severity.CRITICAL, market=intent.market,
+                        intent_id=intent.intent_id,
+                        detail={"rule": violation.rule, "reason": violation.reason, "dry_run": intent.dry_run,
+                                "purpose": intent.purpose, "side": intent.side, "order_type": intent.order_type,
+                                "amount": intent.amount, "amount_quote": intent.amount_quote,
+                                "price": intent.price})
+            await tx.execute()
+        log.error("executor: intent %s refused by the executor's checks, dead-lettered: %s", intent.intent_id,
+                  violation)
+
+    def _queue_outcome_unknown(self, tx: Pipeline, intent: Intent, error: str) -> None:
+        queue_event(tx, "order_outcome_unknown", Severity.WARNING, market=intent.market, intent_id=intent.intent_id,
+                    detail={"reason": error, "dry_run": intent.dry_run,
+                            "action": "kept in flight; reported once the exchange answers"})
+        log.warning("executor: intent %s: order outcome unknown, left in flight for reconciliation: %s",
+                    intent.intent_id, error)
 
     async def _flatten_refusal(self, intent: Intent) -> str | None:
         """Why a flatten intent may not pass the kill switch and the gate, or None (module doc, step 3)."""

@@ -53,9 +53,19 @@ from trading.exchange.errors import (
     RateLimitBannedError,
 )
 from trading.exchange.governor import RateBudgetExhaustedError
+from trading.exchange.market_rules import rules_from_markets
 from trading.exchange.models import Order, PayloadError
 from trading.exchange.rest import BitvavoRest
-from trading.orders import FINAL_STATUSES, ExecutionReport, FillRecord, Intent, IntentError
+from trading.execution.market_rules_book import MarketRulesBook
+from trading.orders import (
+    FINAL_STATUSES,
+    ExecutionReport,
+    FillRecord,
+    Intent,
+    IntentError,
+    OrderOutcomeUnknownError,
+    Side,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +98,12 @@ SENT_PREFIX = "orders:live:sent:"
 SENT_TTL_S = 7 * 24 * 3600
 # Share of the 1000/minute weight budget that following open orders may use (get_order costs 1).
 POLL_WEIGHT_PER_MINUTE = 300
+RECONCILE_RETRY_FIRST_MS = 500  # after a failed reconciliation; doubles up to reconcile_interval_s
 EVENT_RECONCILE = "reconcile"
 EVENT_UNCERTAIN = "order_uncertain"
 ZERO = Decimal(0)
 
+NOT_IN_ACCESS_WINDOW = 304
 # The exchange cannot answer now; asking again later may work.
 _TRANSIENT = (OutcomeUncertainError, ExchangeUnavailableError, RateLimitBannedError, RateBudgetExhaustedError,
               PayloadError)
@@ -99,10 +111,6 @@ _PASS_THROUGH = frozenset({"new", "partiallyFilled", "awaitingTrigger", "filled"
 
 T = TypeVar("T")
 Source = Literal["submit", "poll"]
-
-
-class OrderOutcomeUnknownError(RuntimeError):
-    """The exchange could not be asked whether an order exists; its intent stays in flight (venue blocked)."""
 
 
 def quote_currency(market: str) -> str:
@@ -246,6 +254,12 @@ def rejected_report(intent: Intent, reason: str, ts: int) -> ExecutionReport:
                            fee_currency=quote_currency(intent.market), dry_run=False, ts=ts, reason=reason)
 
 
+def _transient(exc: Exception) -> bool:
+    """The exchange cannot answer now; asking again later may. 304: the request arrived outside the access
+    window (a clock offset being re-measured, a request held up in transit), so it was not even read."""
+    return isinstance(exc, _TRANSIENT) or (isinstance(exc, BitvavoError) and exc.error_code == NOT_IN_ACCESS_WINDOW)
+
+
 def _uncertain(exc: BitvavoError) -> bool:
     """The order may exist: timeouts, 5xx, and 220 (the clientOrderId is taken by an open order)."""
     return (isinstance(exc, OutcomeUncertainError | ExchangeUnavailableError)
@@ -308,11 +322,14 @@ class LiveVenue:
         self._lock = asyncio.Lock()  # one venue operation at a time: no two reports about one order race
         self._started = False
         self._mismatches: dict[str, Mismatch] = {}
+        # GET /markets over this venue's client; the executor checks intents against it.
+        self.market_rules = MarketRulesBook(lambda: rules_from_markets(rest.markets()))
         self._unresolved: dict[str, str] = {}  # intent_id -> why its order's outcome is unknown
         self._ready: dict[str, ExecutionReport] = {}  # found by reconciliation, handed out by the next poll()
         self._handed_out: dict[str, Source] = {}  # a report left the venue; its recording not yet seen
         self._next_poll_ms = 0
         self._next_reconcile_ms = 0
+        self._reconcile_retry_ms = RECONCILE_RETRY_FIRST_MS  # the next wait after a reconciliation that failed
 
     def __repr__(self) -> str:
         return f"LiveVenue({self._rest!r})"
@@ -335,6 +352,8 @@ class LiveVenue:
         if not self._started:
             return "live venue not started: reconciliation with the exchange has not run"
         problems = []
+        if not self.market_rules.loaded:
+            problems.append("market rules (GET /markets) not loaded yet")
         if self._unresolved:
             ids = sorted(self._unresolved)
             problems.append(f"{len(ids)} order(s) whose outcome is unknown ({', '.join(ids[:3])})")
@@ -367,6 +386,16 @@ class LiveVenue:
             if now >= self._next_poll_ms:
                 reports.extend(await self._follow_open_orders())
             return reports
+
+    async def best_price(self, market: str, side: Side) -> Decimal | None:
+        """The exchange's best ask (buy) or bid (sell) from GET /ticker/book; None when it cannot say."""
+        try:
+            row = await self._call(self._rest.ticker_book, market)
+            price = row.get("ask" if side == "buy" else "bid") if isinstance(row, dict) else None
+            return None if price is None else parse_decimal(price, f"{market} best price")
+        except (*_TRANSIENT, BitvavoError, DecimalParseError) as exc:
+            log.warning("live venue: best price of %s unknown: %s: %s", market, type(exc).__name__, exc)
+            return None
 
     async def reconcile(self) -> list[Mismatch]:
         """Re-run reconciliation (the venue also does it from poll() while blocked); the open mismatches."""
@@ -545,14 +574,14 @@ class LiveVenue:
                 return await self._call(call)
             except OrderNotFoundError:
                 raise
-            except _TRANSIENT as exc:
+            except (*_TRANSIENT, BitvavoError) as exc:
+                if not _transient(exc):  # auth, permissions, parameters: asking again will not help
+                    self._unresolved[intent_id] = f"lookup refused: {exc}"
+                    raise OrderOutcomeUnknownError(f"intent {intent_id}: order lookup refused: {exc}") from None
                 if now_ms() + delay * 1000 > give_up:
                     self._unresolved[intent_id] = f"exchange unreachable: {exc}"
                     raise OrderOutcomeUnknownError(
                         f"intent {intent_id}: the exchange could not say whether its order exists: {exc}") from None
-            except BitvavoError as exc:  # auth, permissions, parameters: asking again will not help
-                self._unresolved[intent_id] = f"lookup refused: [{exc.error_code}] {exc.message}"
-                raise OrderOutcomeUnknownError(f"intent {intent_id}: order lookup refused: {exc}") from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
@@ -642,20 +671,31 @@ class LiveVenue:
 
     async def _reconcile(self, *, first: bool) -> None:
         self.stats.reconciles += 1
-        self._next_reconcile_ms = now_ms() + self._reconcile_interval_ms
         found: dict[str, Mismatch] = {}
         summary: dict[str, Any] = {}
+        complete = True
         try:
             await self._reconcile_steps(found, summary)
         except (*_TRANSIENT, BitvavoError) as exc:
             # Incomplete: nothing proven either way, so earlier mismatches stay open too.
+            complete = False
             for mismatch in self._mismatches.values():
                 found.setdefault(mismatch.ident, mismatch)
             incomplete = Mismatch("reconcile_incomplete", "exchange", {"error": f"{type(exc).__name__}: {exc}"})
             found[incomplete.ident] = incomplete
         await self._publish(found, summary, first=first)
+        if complete and not self._unresolved:
+            self._reconcile_retry_ms = RECONCILE_RETRY_FIRST_MS
+            self._next_reconcile_ms = now_ms() + self._reconcile_interval_ms
+        else:
+            # The exchange did not answer (timeouts, 5xx, 304, a ban): ask again soon, backing off to the
+            # interval, so a venue blocked by an outage unblocks within moments of the exchange answering.
+            self._next_reconcile_ms = now_ms() + min(self._reconcile_retry_ms, self._reconcile_interval_ms)
+            self._reconcile_retry_ms = min(self._reconcile_retry_ms * 2, self._reconcile_interval_ms)
 
     async def _reconcile_steps(self, found: dict[str, Mismatch], summary: dict[str, Any]) -> None:
+        if not self.market_rules.loaded:  # the executor's checks need them before any order
+            await self.market_rules.load()
         inflight, tracked, unreadable = await self._read_state()
         for mismatch in unreadable:
             found[mismatch.ident] = mismatch

@@ -47,6 +47,7 @@ from trading.exchange.market_rules import rules_from_markets
 from trading.exchange.models import BookSnapshot, Level, parse_price
 from trading.exchange.rest import BitvavoRest
 from trading.exchange.ws import BitvavoWebSocket
+from trading.execution.market_rules_book import MarketRulesBook
 from trading.log_sampling import worth_logging
 from trading.matching import FeeRates, MarketRules, MatchingEngine, Order, OrderRequest, Side
 from trading.orders import FINAL_STATUSES, ExecutionReport, FillRecord, Intent, IntentError
@@ -155,6 +156,8 @@ class PaperVenue:
         self._book_wait_s = book_wait_s
         self._ws_silence_timeout_s = ws_silence_timeout_s
         self._clock = clock
+        # The executor checks intents against the same rules (trading/execution/intent_checks.py).
+        self.market_rules = MarketRulesBook(self._fetch_rules)
         self.books = LiveBooks([], on_applied=self.on_applied, on_snapshot=self.on_snapshot)
         self.stats = PaperStats()
         self._engine: MatchingEngine | None = None
@@ -175,6 +178,16 @@ class PaperVenue:
         """Public market data only (no credentials): REST rules and the WebSocket `book` channel."""
         return cls(markets=markets, rest_url=settings.bitvavo_rest_url, ws_url=settings.bitvavo_ws_url, **options)
 
+    def _fetch_rules(self) -> list[MarketRules]:
+        if self._rules_given is not None:
+            return self._rules_given
+        assert self._rest_url is not None
+        rest = BitvavoRest(self._rest_url)  # public endpoint: never signed
+        try:
+            return rules_from_markets(rest.markets())
+        finally:
+            rest.close()
+
     def hold(self, positions: Mapping[str, Decimal]) -> None:
         """Before `start()`: the paper account holds each market's base `positions` (the paper ledger's), so
         a paper sell of coins bought in an earlier run is judged against what the paper book holds."""
@@ -188,15 +201,7 @@ class PaperVenue:
     # -- Venue protocol -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._rules_given is not None:
-            rules = self._rules_given
-        else:
-            assert self._rest_url is not None
-            rest = BitvavoRest(self._rest_url)  # public endpoint: never signed
-            try:
-                rules = rules_from_markets(await asyncio.to_thread(rest.markets))
-            finally:
-                rest.close()
+        rules = await self.market_rules.load()
         self._rules = {r.market: r for r in rules}
         engine = MatchingEngine(rules, clock=self._clock, id_factory=lambda: str(uuid.uuid4()),
                                 history_limit=_ENGINE_HISTORY)
@@ -223,6 +228,14 @@ class PaperVenue:
                 task.add_done_callback(lambda _task: self.books.reset_all())
         log.info("paper venue: %d markets listed, books for %s, balances %s, fees maker %s taker %s",
                  len(self._rules), ", ".join(markets) or "none yet", self._balances, self.fees.maker, self.fees.taker)
+
+    async def best_price(self, market: str, side: Side) -> Decimal | None:
+        """The mirror's best opposite price, the one the engine values a market order by amount at."""
+        engine = self._started()
+        if market not in self._rules:
+            return None
+        best = engine.best_ask(market) if side == "buy" else engine.best_bid(market)
+        return None if best is None else best[0]
 
     def blocked_reason(self) -> str | None:
         return None  # paper orders are refused per market (book not in sync), never all at once
