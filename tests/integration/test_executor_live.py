@@ -11,6 +11,7 @@ and HDEL `orders:inflight`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import subprocess
@@ -28,7 +29,15 @@ import redis.asyncio
 from pydantic import SecretStr
 
 from tests.integration.conftest import REPO_ROOT, SimHandle
-from trading.bus import KEY_INFLIGHT, KEY_KILL, KEY_OPEN_INTENTS, KEY_PNL_LIVE, ORDERS_EXECUTED, ORDERS_SHADOW
+from trading.bus import (
+    KEY_INFLIGHT,
+    KEY_KILL,
+    KEY_OPEN_INTENTS,
+    KEY_PNL_LIVE,
+    ORDERS_EXECUTED,
+    ORDERS_SHADOW,
+    dead_letter_stream,
+)
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.events import read_events
@@ -533,3 +542,54 @@ async def test_a_flatten_sale_passes_the_kill_switch_and_the_gate_at_the_send_cl
     [order] = _orders_for(rest, within)
     assert (sold.status, sold.order_id, order.side) == ("filled", order.order_id, "sell")
     assert _orders_for(rest, beyond) == _orders_for(rest, trade) == []
+
+
+OUTAGE_FAULTS: dict[str, dict[str, Any]] = {
+    "hung calls": {"rest_timeouts": {"count": 10_000, "seconds": 0.6}},  # /time samples and REST calls hang
+    "5xx": {"rest_errors": {"count": 10_000, "error_code": 111}},
+    "slow answers": {"rest_delays": {"count": 10_000, "seconds": 1.2}},  # executed, answered too late
+}
+
+
+@pytest.mark.parametrize("outage", sorted(OUTAGE_FAULTS))
+async def test_an_exchange_that_does_not_answer_at_start_leaves_no_dead_letter_and_the_fill_reaches_the_stream(
+        exchange: SimHandle, client: redis.asyncio.Redis, rest: BitvavoRest, redis_db_url: str, tmp_path: Path,
+        outage: str) -> None:
+    """Issue 14: a restarted executor that could not reconcile dead-lettered an intent whose order had filled."""
+    settings = _settings(exchange, tmp_path)
+    intent = _intent()
+    placed = rest.place_order(MARKET, "buy", "market", amount_quote=D("10"), client_order_id=intent.intent_id)
+    async with client.pipeline(transaction=True) as tx:  # sent by an executor that died before recording it
+        tx.hset(KEY_INFLIGHT, intent.intent_id, orjson.dumps({**intent.encode(), "sent_ms": now_ms() - 60_000}))
+        tx.xadd(ORDERS_SHADOW, intent.encode())  # type: ignore[arg-type]
+        tx.hset(KEY_OPEN_INTENTS, intent.intent_id, orjson.dumps({"market": MARKET, "side": "buy", "ts": intent.ts}))
+        await tx.execute()
+    exchange.control(**OUTAGE_FAULTS[outage])
+    venue = LiveVenue(client, settings, rest=_rest(exchange, RateGovernor()), **VENUE_OPTIONS)
+    task = asyncio.create_task(run_executor(settings, redis_url=redis_db_url, venue=venue, metrics_port=0,
+                                            poll_interval_s=0.05, max_intent_age_s=60))
+    try:
+        await asyncio.sleep(6.0)  # start, clock sync, reconciliation and the intent's lookups all fail
+        assert venue.blocked_reason() is not None and await _executed(client, intent.intent_id) == []
+        exchange.control(clear=True)  # the exchange answers again: nobody restarts anything
+
+        async def reported() -> bool:
+            return bool(await _executed(client, intent.intent_id))
+
+        await _until(reported, timeout_s=20)
+        await _until(lambda: _async(venue.blocked_reason() is None), timeout_s=5)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    [report] = await _executed(client, intent.intent_id)
+    assert (report.status, report.order_id) == ("filled", placed.order_id)
+    order = rest.get_order(MARKET, order_id=placed.order_id)
+    assert {f.fill_id for f in report.fills} == {f.fill_id for f in order.fills}
+    assert await client.xlen(dead_letter_stream(ORDERS_SHADOW)) == 0
+    assert await client.hlen(KEY_INFLIGHT) == 0 and len(_orders_for(rest, intent)) == 1  # never resent
+    assert (await client.xpending(ORDERS_SHADOW, "executor"))["pending"] == 0
+
+
+async def _async(value: bool) -> bool:
+    return value

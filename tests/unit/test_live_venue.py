@@ -10,11 +10,14 @@ import redis.asyncio
 from pydantic import SecretStr
 
 from trading.config import Settings
+from trading.exchange.errors import BitvavoError, OutcomeUncertainError, exception_class_for
+from trading.exchange.governor import RateBudgetExhaustedError
 from trading.exchange.models import Order
 from trading.execution.live import (
     LiveVenue,
     OrderState,
     TrackedOrder,
+    _transient,
     advance,
     contract_status,
     inflight_json,
@@ -140,3 +143,14 @@ def test_live_venue_needs_credentials_and_operator_id_and_does_not_echo_the_key(
                                        bitvavo_api_secret=SecretStr(secret), bitvavo_operator_id=7))
     assert key not in repr(venue) and secret not in repr(venue)
     assert venue.blocked_reason() == "live venue not started: reconciliation with the exchange has not run"
+
+
+@pytest.mark.parametrize(("error", "transient"), [
+    (OutcomeUncertainError(101, "unknown error"), True), (exception_class_for(111)(111, "unavailable"), True),
+    (exception_class_for(105)(105, "banned"), True), (RateBudgetExhaustedError(70.0), True),
+    # 304: outside the access window (a clock being re-measured), not read at all: ask again
+    (exception_class_for(304)(304, "not received within the access window"), True),
+    (exception_class_for(309)(309, "invalid signature"), False), (BitvavoError(205, "invalid market"), False)])
+def test_lookups_and_reconciliation_ask_again_only_when_the_exchange_may_answer_later(
+        error: Exception, transient: bool) -> None:
+    assert _transient(error) is transient
