@@ -109,11 +109,14 @@ class Replay:
     entries: int = 0
     rejected: int = 0  # entries the live loop dead-letters; skipped here the same way
     last_id: str | None = None  # stream replays: the newest entry covered
+    anomalies_by_entry: dict[str, tuple[Anomaly, ...]] = field(default_factory=dict)  # stream replays
 
-    def feed(self, fields: Mapping[Any, Any], source: str) -> None:
+    def feed(self, fields: Mapping[Any, Any], source: str, *, entry_id: str | None = None) -> None:
         self.entries += 1
         try:
-            self.ledgers.apply(parse_report(fields))
+            outcome = self.ledgers.apply(parse_report(fields))
+            if outcome.anomalies and entry_id is not None:
+                self.anomalies_by_entry[entry_id] = outcome.anomalies
         except LedgerError as exc:
             self.rejected += 1
             if worth_logging(self.rejected):
@@ -128,7 +131,7 @@ async def rebuild_from_stream(client: redis.asyncio.Redis, *, stream: str = ORDE
     while True:
         entries: Any = await client.xrange(stream, min=lower, max="+", count=page)
         for entry_id, fields in entries:
-            replay.feed(fields, f"{stream} {entry_id}")
+            replay.feed(fields, f"{stream} {entry_id}", entry_id=as_text(entry_id))
         if entries:
             replay.last_id = as_text(entries[-1][0])
             lower = "(" + replay.last_id
@@ -351,28 +354,34 @@ class PnlLoop:
                 mode = mode_of(report.dry_run)
                 self.fills_applied += outcome.applied
                 self.duplicates += outcome.duplicates
-                self.anomalies += len(outcome.anomalies)
                 self.metrics.fills_applied(mode).inc(outcome.applied)
                 self.metrics.duplicates.inc(outcome.duplicates)
                 for anomaly in outcome.anomalies:
-                    self.metrics.anomalies(mode, anomaly.market).inc()
+                    self._count_anomaly(mode, anomaly)
                 if outcome.duplicates:
                     self.consumer.skip_duplicate()
+            else:  # its anomalies were booked by the replay, and are evented (so counted) with this ack
+                for anomaly in self.replayed.anomalies_by_entry.get(entry.entry_id, ()):
+                    self._count_anomaly(mode_of(report.dry_run), anomaly)
         if report.final:  # its fills are in the ledger in this same transaction: the core may count them now
             tx.hdel(KEY_OPEN_INTENTS, report.intent_id)
         mode = mode_of(report.dry_run)
         if self._replayed(entry.entry_id):
             # Booked by the start-up replay but never acknowledged: its anomaly events were not written either
-            # (they go in the ack's transaction), so they are written now, once.
-            fill_ids = {fill.fill_id for fill in report.fills}
-            for anomaly in self.ledgers.of(report.dry_run).anomalies:
-                if anomaly.fill_id in fill_ids:
-                    _queue_anomaly(tx, mode, report.intent_id, anomaly)
+            # (they go in the ack's transaction), so they are written now, once, with the hash its open
+            # intent's release must come with (the start-up publish may have failed).
+            for anomaly in self.replayed.anomalies_by_entry.get(entry.entry_id, ()):
+                _queue_anomaly(tx, mode, report.intent_id, anomaly)
+            self._queue_hash(tx, report.dry_run)
             return
         for anomaly in outcome.anomalies:
             _queue_anomaly(tx, mode, report.intent_id, anomaly)
         if outcome.applied:
             self._queue_hash(tx, report.dry_run)
+
+    def _count_anomaly(self, mode: str, anomaly: Anomaly) -> None:
+        self.anomalies += 1
+        self.metrics.anomalies(mode, anomaly.market).inc()
 
     def _queue_hash(self, tx: Any, dry_run: bool) -> None:
         now = now_ms()

@@ -299,7 +299,9 @@ class TradingCore:
 
     async def read_context(self, market: str, now: int, signal_id: str) -> tuple[bool, Context]:
         """(was the signal decided before, every input of the guards) in one pipelined round trip."""
-        async with self.client.pipeline(transaction=False) as pipe:
+        # MULTI/EXEC: the ledger and the open intents from one instant, never a booking half seen (its position
+        # already without the sell while the sell is still open, or the reverse).
+        async with self.client.pipeline(transaction=True) as pipe:
             pipe.exists(self.consumer.done_key(signal_id))
             pipe.get(KEY_KILL)
             pipe.get(KEY_TRADING_STATE)

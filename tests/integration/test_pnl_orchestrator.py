@@ -132,6 +132,8 @@ async def test_executions_and_marks_give_the_hand_computed_pnl_and_rebuilds_agre
         await wait_for(all_booked_and_marked)
         live = await pnl(client)
         assert live == expected_hash(live)
+        anomalies = [e for e in await read_events(client) if e["type"] == "ledger_anomaly"]
+        assert [e["detail"]["unbooked"] for e in anomalies] == ["0.1", "0.1"]  # F4 and F5, each once
 
         # A book for ETH replaces its last-fill stand-in mark (see the unit test for the working).
         await book(client, "ETH-EUR", "1690", "1710")  # mid 1700
@@ -151,9 +153,10 @@ async def test_executions_and_marks_give_the_hand_computed_pnl_and_rebuilds_agre
         assert 'trader_pnl_equity_eur{mode="live"} 0.0' in metrics  # the live book: nothing traded live
         assert 'trader_pnl_position{market="BTC-EUR",mode="paper"} 0.15' in metrics
         assert 'trader_pnl_market_exposure_eur{market="ETH-EUR",mode="paper"} 5100.0' in metrics
-        # the five replayed fills are not "applied"; F5 (nothing held) is an anomaly, counted when it arrived
+        # the five replayed fills are not "applied"; the anomalies are counted when evented: F4's (replayed
+        # before its first ack, so evented with that ack) and F5's (nothing held)
         assert 'trader_pnl_fills_applied_total{mode="paper"} 4.0' in metrics
-        assert 'trader_pnl_anomalies_total{market="BTC-EUR",mode="paper"} 1.0' in metrics
+        assert 'trader_pnl_anomalies_total{market="BTC-EUR",mode="paper"} 2.0' in metrics
         assert 'trader_pnl_consumed_total{stream="orders:executed"} 8.0' in metrics
         assert "trader_pnl_last_update_age_seconds" in metrics
         assert 'trader_pnl_pending{stream="orders:executed"} 0.0' in metrics
