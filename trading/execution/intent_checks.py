@@ -105,6 +105,11 @@ def ledger_view(values: Sequence[str | None], now_ms: int) -> LedgerView:
     return view
 
 
+def _shown(value: Decimal) -> str:
+    """Plain digits, or scientific notation for a value beyond any order size (1e400 is 401 digits)."""
+    return format_decimal(value) if value < _MAGNITUDE_LIMIT else f"{value:.6E}"
+
+
 def quote_size(intent: Intent, best_price: Decimal | None) -> Decimal | None:
     """amount_quote, amount x limit price, or amount x the best opposite price; None when it cannot be valued."""
     if intent.amount_quote is not None:
@@ -139,14 +144,14 @@ def market_rule_violation(intent: Intent, rules: MarketRules | None,
         return Violation("order_type", f"market {intent.market} does not take {intent.order_type} orders [205]")
     if intent.price is not None:
         if intent.price >= _MAGNITUDE_LIMIT:
-            return Violation("price", f"price {format_decimal(intent.price)} is above the maximum [211]")
+            return Violation("price", f"price {_shown(intent.price)} is above the maximum [211]")
         if intent.price % rules.tick_size != 0:
             return Violation("price", f"price {format_decimal(intent.price)} is not a multiple of the tick size "
                                       f"{format_decimal(rules.tick_size)} [422]")
     if intent.amount is not None:
         amount = intent.amount
         if amount >= _MAGNITUDE_LIMIT or amount > rules.max_order_base:
-            return Violation("amount", f"amount {format_decimal(amount)} is above the maximum order size "
+            return Violation("amount", f"amount {_shown(amount)} is above the maximum order size "
                                        f"{format_decimal(rules.max_order_base)} {rules.base} [210]")
         if decimal_places(amount) > rules.quantity_decimals:
             return Violation("amount", f"amount {format_decimal(amount)} has more than {rules.quantity_decimals} "
