@@ -6,10 +6,13 @@ first). `flatten_positions`:
 1. live: cancels the open orders of the selected markets at the exchange (the executor's live
    venue follows the orders it placed and reports them cancelled, with any fills);
 2. with `close_positions`, per market, what to sell:
-   - dry-run: the paper ledger's position (`trading:pnl:paper`). Only the exchange's public
-     endpoints are called (market rules, best bid): nothing authenticated, nothing sent;
-   - live, scope `ledger`: the live ledger's position (`trading:pnl:live`), capped by the
-     available balance of the base asset at the exchange;
+   - dry-run: the paper ledger's position (`trading:pnl:paper`) less the sells still open
+     (`trading:intents:open`: sent, not yet booked, a previous flatten's included), both read in
+     one MULTI/EXEC; a ledger older than the PnL loop's heartbeat bound is not trusted (nothing is
+     sold). Only the exchange's public endpoints are called (market rules, best bid): nothing
+     authenticated, nothing sent;
+   - live, scope `ledger`: the live ledger's position (`trading:pnl:live`) less the open sells,
+     under the same freshness rule, capped by the available balance of the base asset;
    - live, scope `account`: the whole available balance (an account dedicated to the bot: this
      sells what the bot did not buy too, which the live ledger reports as a ledger anomaly),
    rounded down to the market's precision. A sale below the market's minimum base amount, or
@@ -54,6 +57,7 @@ from trading.exchange.market_rules import rules_from_markets
 from trading.exchange.rest import BitvavoRest
 from trading.matching import MarketRules
 from trading.orders import ExecutionReport, FlattenScope, Intent, IntentError
+from trading.risk import PNL_MAX_AGE_MS
 
 SCOPES: tuple[FlattenScope, ...] = ("ledger", "account")
 DEFAULT_WAIT_S = 30.0  # for the executor's reports of the sales
@@ -135,8 +139,16 @@ async def flatten_positions(client: Any, settings: Settings, *, markets: Sequenc
         raise ValueError("wait_s must be positive")
     dry_run = settings.dry_run
     report = FlattenReport(mode="paper" if dry_run else "live", scope=scope)
-    ledger = {as_text(k): as_text(v) for k, v in (await client.hgetall(pnl_key(dry_run))).items()}
-    held = _positions(ledger, report)
+    async with client.pipeline(transaction=True) as pipe:  # one instant: a booking is never seen half done
+        pipe.hgetall(pnl_key(dry_run))
+        pipe.hgetall(KEY_OPEN_INTENTS)
+        ledger_raw, open_raw = await pipe.execute()
+    ledger = {as_text(k): as_text(v) for k, v in ledger_raw.items()}
+    open_intents = {as_text(k): as_text(v) for k, v in open_raw.items()}
+    held, problem = sellable_positions(ledger, open_intents, now_ms())
+    if problem is not None and scope == "ledger":
+        report.errors.append({"market": "*", "error": f"not selling: {problem}"})
+        held = {}
     selected = list(markets) if markets else sorted(set(settings.markets_or_default())
                                                     | {m for m, amount in held.items() if amount > 0})
     if not dry_run and not settings.has_credentials:
@@ -160,17 +172,28 @@ async def flatten_positions(client: Any, settings: Settings, *, markets: Sequenc
     return report
 
 
-def _positions(ledger: Mapping[str, str], report: FlattenReport) -> dict[str, Decimal]:
+def sellable_positions(ledger: Mapping[str, str], open_intents: Mapping[str, str], now: int
+                       ) -> tuple[dict[str, Decimal], str | None]:
+    """(per market: the ledger's position less the base amount of the sells still open, never below 0;
+    why none of it can be trusted, or None). Pure. Trusted only when the ledger is fresh and every
+    position and open intent reads: a flatten must not sell on a guess."""
+    updated = ledger.get("updated_ts", "")
+    if ledger and not (updated.isdigit() and now - int(updated) <= PNL_MAX_AGE_MS):
+        return {}, f"the ledger was last written at {updated[:20]!r}, more than {PNL_MAX_AGE_MS // 1000} s ago " \
+                   "(is the PnL loop running?)"
     held: dict[str, Decimal] = {}
-    for key, value in ledger.items():
-        market, _, name = key.rpartition(":")
-        if not market or name != "position":
-            continue
-        try:
-            held[market] = parse_decimal(value, key)
-        except DecimalParseError as exc:
-            report.errors.append({"market": market, "error": f"ledger position unreadable: {exc}"})
-    return held
+    try:
+        for key, value in ledger.items():
+            market, _, name = key.rpartition(":")
+            if market and name == "position":
+                held[market] = parse_decimal(value, key)
+        for intent_id, raw in open_intents.items():
+            data = orjson.loads(raw)
+            if data.get("side") == "sell" and data.get("market") in held:
+                held[data["market"]] -= parse_decimal(data["amount"], f"open intent {intent_id} amount")
+    except (DecimalParseError, orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        return {}, f"ledger or open intents unreadable: {type(exc).__name__}: {exc}"
+    return {market: max(Decimal(0), amount) for market, amount in held.items()}, None
 
 
 def _cancel_open_orders(rest: BitvavoRest, markets: Sequence[str], report: FlattenReport) -> None:
