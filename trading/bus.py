@@ -48,6 +48,8 @@ ORDERS_EXECUTED = "orders:executed"
 TRADING_EVENTS = "trading:events"
 KEY_KILL = "trading:kill"
 KEY_KILL_DRILL = "trading:kill:drill"  # set while a preflight drill holds the switch; an operator flip clears it
+FLATTEN_AUTH_PREFIX = "flatten:auth:"  # + intent_id: an operator's flatten wrote this sale (trading/flatten.py)
+FLATTEN_AUTH_TTL_S = 3600  # well beyond any flatten's wait: the executor reads it before the first send
 KEY_PNL_PAPER = "trading:pnl:paper"  # the paper ledger (dry-run fills); docs/pnl.md
 KEY_PNL_LIVE = "trading:pnl:live"  # the live ledger (exchange fills): paper and live never share a book
 KEY_UNIVERSE = "trading:universe"
@@ -57,6 +59,13 @@ KEY_OPEN_INTENTS = "trading:intents:open"  # hash intent_id -> JSON {market, sid
 KEY_INFLIGHT = "orders:inflight"  # hash intent_id -> JSON: live orders recorded before they are sent
 KEY_LIVE_OPEN = "orders:live:open"  # hash intent_id -> JSON: live orders sent, reported, still followed
 KEY_OPEN_GAPS = "bitvavo:gaps:open"  # hash market -> JSON {kind, since_ms}: a book being resynced
+
+
+def flatten_authorization_key(intent_id: str) -> str:
+    """Written by the flatten flow with its intent, in one transaction: only an intent with it may pass the
+    kill switch as a flatten sale (an `orders:shadow` writer alone cannot forge one; Redis ACLs keep the
+    `flatten:auth:*` keys to the flatten flow)."""
+    return FLATTEN_AUTH_PREFIX + intent_id
 
 
 def pnl_key(dry_run: bool) -> str:

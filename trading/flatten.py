@@ -41,12 +41,14 @@ import orjson
 
 from trading.bus import (
     EVENT_SCHEMA,
+    FLATTEN_AUTH_TTL_S,
     KEY_OPEN_INTENTS,
     ORDERS_EXECUTED,
     ORDERS_SHADOW,
     TRADING_EVENTS,
     as_text,
     decode_entry,
+    flatten_authorization_key,
     pnl_key,
 )
 from trading.clock import now_ms
@@ -265,6 +267,7 @@ async def _sell(client: Any, settings: Settings, sales: Sequence[PlannedSale], r
             tx.hset(KEY_OPEN_INTENTS, intent.intent_id, orjson.dumps(
                 {"market": sale.market, "side": "sell", "notional": format_decimal(sale.amount * sale.best_bid),
                  "amount": format_decimal(sale.amount), "ts": now}).decode())
+            tx.set(flatten_authorization_key(intent.intent_id), "1", ex=FLATTEN_AUTH_TTL_S)
         await tx.execute()
     outcomes = await _wait_for_outcomes(client, {i.intent_id for i in intents}, as_text(last_report[0]),
                                         as_text(last_event[0]), wait_s)

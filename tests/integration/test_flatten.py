@@ -24,7 +24,14 @@ from pydantic import SecretStr
 
 from flows.ops import FlattenIncomplete, flatten
 from tests.integration.conftest import SimHandle
-from trading.bus import KEY_KILL, KEY_OPEN_INTENTS, ORDERS_EXECUTED, ORDERS_SHADOW, pnl_key
+from trading.bus import (
+    KEY_KILL,
+    KEY_OPEN_INTENTS,
+    ORDERS_EXECUTED,
+    ORDERS_SHADOW,
+    flatten_authorization_key,
+    pnl_key,
+)
 from trading.clock import now_ms
 from trading.config import Settings
 from trading.decimals import parse_decimal
@@ -179,11 +186,17 @@ async def test_dry_run_flatten_sells_the_paper_position_on_the_paper_venue_and_n
             normal = _trade("BTC-EUR", "buy", dry_run=True, amount=D("0.001"))
             await _send(client, normal)
             assert (await _event_for(client, normal.intent_id))["type"] == "kill_switch"
+            forged = flatten_intent("BTC-EUR", D("0.0001"), dry_run=True, scope="ledger", ts=now_ms())
+            await _send(client, forged)  # written to orders:shadow without the flatten flow's authorization
+            refused = await _event_for(client, forged.intent_id)
+            assert refused["type"] == "flatten_refused" and "no flatten authorization" in refused["detail"]["reason"]
             beyond = flatten_intent("BTC-EUR", D("0.001"), dry_run=True, scope="ledger", ts=now_ms())
+            await client.set(flatten_authorization_key(beyond.intent_id), "1", ex=60)
             await _send(client, beyond)
             refused = await _event_for(client, beyond.intent_id)
             assert refused["type"] == "flatten_refused" and "more than" in refused["detail"]["reason"]
             assert await _reports(client, normal.intent_id) == await _reports(client, beyond.intent_id) == []
+            assert await _reports(client, forged.intent_id) == []
 
         [event] = [e for e in await read_events(client) if e["type"] == "flatten"]
         assert event["detail"]["mode"] == "paper" and event["detail"]["sales"][0]["fills"] == sale["fills"]

@@ -24,6 +24,7 @@ LIMITS = Limits(max_notional_per_order=D("250"), max_exposure_per_market=D("1000
                 max_open_intents=20, max_daily_loss=D("250"), stale_book_ms=5000, market_cooldown_ms=0)
 FRESH = LedgerView()
 STALE = LedgerView(position=D("0.002"), untrusted="last updated 60 s ago")
+HOLDS = LedgerView(position=D("0.002"))  # fresh, 0.002 BTC held
 BEST = D("75000")
 
 
@@ -41,7 +42,7 @@ def _market(**changes: Any) -> Intent:
 
 
 def _flatten(**changes: Any) -> Intent:
-    return _market(side="sell", purpose="flatten", scope="ledger", **changes)
+    return _market(**{"side": "sell", "purpose": "flatten", "scope": "ledger", **changes})
 
 
 CASES: list[tuple[str, Intent, MarketRules | None, LedgerView, Decimal | None, str | None]] = [
@@ -70,7 +71,19 @@ CASES: list[tuple[str, Intent, MarketRules | None, LedgerView, Decimal | None, s
     ("limit quote size below the minimum", _intent(amount=D("0.0001"), price=D("49999")), RULES, FRESH, None,
      "quote_size"),
     ("market sell by amount below the minimum at the best bid", _market(side="sell", amount=D("0.0001")),
-     RULES, FRESH, D("49999"), "quote_size"),
+     RULES, HOLDS, D("49999"), "quote_size"),
+    # spot inventory
+    ("a sell with nothing held", _intent(side="sell"), RULES, FRESH, None, "inventory"),
+    ("a sell of the whole position", _intent(side="sell", amount=D("0.002")), RULES, HOLDS, None, None),
+    ("a sell beyond the position", _intent(side="sell", amount=D("0.0021")), RULES, HOLDS, None, "inventory"),
+    ("an open sell holds part of the position", _intent(side="sell", amount=D("0.0011")), RULES,
+     dataclasses.replace(HOLDS, open_sells=D("0.001")), None, "inventory"),
+    ("what the open sells leave", _intent(side="sell", amount=D("0.001")), RULES,
+     dataclasses.replace(HOLDS, open_sells=D("0.001")), None, None),
+    ("a sell by quote amount", _market(side="sell", amount=None, amount_quote=D("10")), RULES, HOLDS, None,
+     "inventory"),
+    ("stale ledger: a sell within the position", _intent(side="sell", amount=D("0.002")), RULES, STALE, None,
+     "inventory"),
     # hard limits
     ("notional above the executor's maximum", _intent(amount=D("0.00333334")), RULES, FRESH, None, "max_notional"),
     ("notional at the executor's maximum", _intent(amount=D("0.004"), price=D("62500")), RULES, FRESH, None, None),
@@ -83,19 +96,19 @@ CASES: list[tuple[str, Intent, MarketRules | None, LedgerView, Decimal | None, s
     ("total exposure above the limit", _intent(), RULES, LedgerView(total_exposure=D("4925.01")), None,
      "max_exposure_total"),
     ("stale ledger: no new risk", _intent(), RULES, STALE, None, "ledger"),
-    ("stale ledger: a sell within the position", _intent(side="sell", amount=D("0.002")), RULES, STALE, None,
-     None),
-    ("stale ledger: a sell beyond the position", _intent(side="sell", amount=D("0.0021")), RULES, STALE, None,
-     "ledger"),
     ("a sell within the position adds no exposure", _intent(side="sell", amount=D("0.002")), RULES,
      LedgerView(position=D("0.002"), market_exposure=D("5000")), None, None),
-    ("a sell beyond the position counts as new exposure", _intent(side="sell"), RULES,
-     LedgerView(market_exposure=D("999")), None, "max_exposure_market"),
-    # flatten sales: the market rules always, never the hard limits
-    ("flatten above the notional limit, stale ledger", _flatten(amount=D("0.01")), RULES, STALE, BEST, None),
+    # flatten sales: the market rules and the inventory always, never the hard limits
+    ("flatten above the notional limit", _flatten(amount=D("0.01")), RULES,
+     LedgerView(position=D("0.01")), BEST, None),
+    ("flatten on a stale ledger", _flatten(amount=D("0.001")), RULES, STALE, BEST, "inventory"),
+    ("flatten of coins an open sell holds", _flatten(amount=D("0.002")), RULES,
+     dataclasses.replace(HOLDS, open_sells=D("0.001")), BEST, "inventory"),
+    ("flatten of scope account: the exchange's balance is its cap", _flatten(scope="account", amount=D("5")),
+     RULES, FRESH, BEST, None),
     ("flatten of an unlisted market", _flatten(market="FOO-EUR"), None, FRESH, BEST, "listed"),
-    ("flatten with too many decimals", _flatten(amount=D("0.001000001")), RULES, FRESH, BEST, "amount"),
-    ("flatten facing an empty book", _flatten(), RULES, FRESH, None, None),
+    ("flatten with too many decimals", _flatten(amount=D("0.001000001")), RULES, HOLDS, BEST, "amount"),
+    ("flatten facing an empty book", _flatten(), RULES, HOLDS, None, None),
 ]
 
 

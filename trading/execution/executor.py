@@ -72,6 +72,7 @@ from trading.bus import (
     ORDERS_EXECUTED,
     ORDERS_SHADOW,
     as_text,
+    flatten_authorization_key,
     pnl_key,
 )
 from trading.clock import now_ms
@@ -365,8 +366,12 @@ class Executor:
         best_price = None
         if rules is not None and intent.order_type == "market" and intent.amount is not None:
             best_price = await self.venue.best_price(intent.market, intent.side)
-        ledger = ledger_view(await self.client.hmget(pnl_key(intent.dry_run), ledger_fields(intent.market)),
-                             now_ms())
+        async with self.client.pipeline(transaction=True) as tx:  # the ledger and the open sells of one instant
+            tx.hmget(pnl_key(intent.dry_run), ledger_fields(intent.market))
+            tx.hgetall(KEY_OPEN_INTENTS)
+            values, open_intents = await tx.execute()
+        ledger = ledger_view(values, now_ms(), open_intents=open_intents, market=intent.market,
+                             intent_id=intent.intent_id)
         return check_intent(intent, rules, self.limits, ledger, best_price)
 
     async def _refuse_by_check(self, intent: Intent, violation: Violation) -> None:
@@ -399,6 +404,8 @@ class Executor:
         if shape is not None:
             return shape
         assert intent.amount is not None  # flatten_shape_error checked it
+        if not await self.client.exists(flatten_authorization_key(intent.intent_id)):
+            return "no flatten authorization for this intent: only the flatten flow writes flatten sales"
         if intent.scope == "account":
             # The exchange refuses a sell beyond the available balance ([216]): it is the cap. Paper has no
             # account of its own beyond the paper ledger.
@@ -596,8 +603,9 @@ class Executor:
 
     async def sweep_abandoned_intents(self) -> None:
         """Open intents nothing will ever close (their entry was dead-lettered after repeated failures, or
-        trimmed while pending): past the intent age limit, with no order in flight or open, they are
-        released, so the core's open-intent count does not leak until it refuses every signal."""
+        trimmed while pending, before the executor handled it): past the intent age limit, with no order
+        in flight or open and no done mark, they are released, so the core's open-intent count does not
+        leak until it refuses every signal."""
         cutoff = now_ms() - self.max_intent_age_ms - ABANDONED_AFTER_MS
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.hgetall(KEY_OPEN_INTENTS)
@@ -606,14 +614,23 @@ class Executor:
             pipe.hkeys(KEY_LIVE_OPEN)
             open_intents, inflight, paper_open, live_open = await pipe.execute()
         busy = set(inflight) | set(paper_open) | set(live_open) | set(self._open) | self._uncommitted
-        abandoned = []
+        old = []
         for intent_id, raw in open_intents.items():
             try:
                 ts = int(orjson.loads(raw)["ts"])
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 ts = 0  # unreadable: as old as can be
             if ts < cutoff and intent_id not in busy:
-                abandoned.append(intent_id)
+                old.append(intent_id)
+        if not old:
+            return
+        # One the executor handled has its report in orders:executed: only the PnL loop, booking it, may
+        # release it (a sell released before its booking would let its coins be sold twice).
+        async with self.client.pipeline(transaction=False) as pipe:
+            for intent_id in old:
+                pipe.exists(self.consumer.done_key(intent_id))
+            handled = await pipe.execute()
+        abandoned = [intent_id for intent_id, done in zip(old, handled, strict=True) if not done]
         if not abandoned:
             return
         async with self.client.pipeline(transaction=True) as tx:

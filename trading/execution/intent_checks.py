@@ -22,12 +22,17 @@ brackets:
   flatten sale skips this rule then (the exchange too; such an order trades nothing), a trade
   intent breaks `valued` below, because its risk cannot be bounded.
 
-hard limits (Settings' `MAX_*`), for trade intents only: a flatten sale's cap is its ledger
-position or the exchange's balance, checked before these (`Executor._flatten_refusal`):
+spot inventory, for every sell but a flatten of scope `account` (capped by the exchange's balance):
+- `inventory`: the sell is by base amount, the ledger can vouch for its coins (fresh and readable)
+  and the amount is at most the ledger's position less the other sells still open in the market
+  (`trading:intents:open`: sent and not yet booked, flatten sales included). Two sells, or a sell
+  and a flatten, never sell the same coins.
+
+hard limits (Settings' `MAX_*`), for trade intents only:
 - `valued`: the intent's worst-case notional (its quote size) is known;
 - `max_notional`: it is at most `max_notional_per_order`;
-- a sell of at most the ledger's position reduces the position and adds no exposure: it passes
-  the rules below whatever the ledger's age;
+- a sell (within the inventory, checked above) reduces the position and adds no exposure: it
+  passes the rules below;
 - `ledger`: any other intent is new risk, refused when the ledger cannot bound it (its
   `updated_ts` older than `PNL_MAX_AGE_MS`, or a value unreadable), as the trading core refuses it;
 - `max_exposure_market`, `max_exposure_total`: the ledger's exposure (of the market; in total)
@@ -37,9 +42,11 @@ position or the exchange's balance, checked before these (`Executor._flatten_ref
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from decimal import Decimal
+
+import orjson
 
 from trading.decimals import DecimalParseError, decimal_places, format_decimal, parse_decimal
 from trading.matching import MAGNITUDE_LIMIT_EXPONENT, MarketRules
@@ -68,6 +75,7 @@ class LedgerView:
     market_exposure: Decimal = ZERO  # EUR
     total_exposure: Decimal = ZERO  # EUR
     untrusted: str | None = None  # why the ledger may not bound new risk (stale, unreadable), or None
+    open_sells: Decimal = ZERO  # base of the other sells open in the market (trading:intents:open)
 
 
 def ledger_fields(market: str) -> list[str]:
@@ -75,10 +83,23 @@ def ledger_fields(market: str) -> list[str]:
     return [f"{market}:position", f"{market}:exposure", "exposure", "updated_ts"]
 
 
-def ledger_view(values: Sequence[str | None], now_ms: int) -> LedgerView:
-    """The HMGET reply of `ledger_fields(market)`. Absent fields are zero: nothing traded yet."""
+def ledger_view(values: Sequence[str | None], now_ms: int, *, open_intents: Mapping[str, str] | None = None,
+                market: str = "", intent_id: str = "") -> LedgerView:
+    """The HMGET reply of `ledger_fields(market)`, with the base amount of the sells open in `market` from
+    `open_intents` (HGETALL `trading:intents:open`) other than `intent_id`. Absent fields are zero:
+    nothing traded yet. An open intent that does not read makes the view untrusted."""
     raw_position, raw_market_exposure, raw_total_exposure, updated = values
     problems: list[str] = []
+    open_sells = ZERO
+    for other_id, raw in (open_intents or {}).items():
+        if other_id == intent_id:
+            continue
+        try:
+            data = orjson.loads(raw)
+            if data["market"] == market and data["side"] == "sell":
+                open_sells += parse_decimal(data["amount"], "amount")
+        except (orjson.JSONDecodeError, KeyError, TypeError, DecimalParseError):
+            problems.append(f"open intent {other_id} {raw[:60]!r} does not read")
 
     def decimal(name: str, raw: str | None) -> Decimal:
         if raw is None:
@@ -94,14 +115,14 @@ def ledger_view(values: Sequence[str | None], now_ms: int) -> LedgerView:
         problems.append(f"position {format_decimal(position)} is below zero (a spot ledger never is)")
         position = ZERO
     view = LedgerView(position=position, market_exposure=decimal("market exposure", raw_market_exposure),
-                      total_exposure=decimal("exposure", raw_total_exposure))
+                      total_exposure=decimal("exposure", raw_total_exposure), open_sells=open_sells)
     if updated is not None:
         if not updated.isdigit():
             problems.append(f"updated_ts {updated[:40]!r} is not an integer")
         elif now_ms - int(updated) > PNL_MAX_AGE_MS:
             problems.append(f"last updated {(now_ms - int(updated)) / 1000:.0f} s ago (is the PnL loop running?)")
     if problems:
-        return LedgerView(view.position, view.market_exposure, view.total_exposure, "; ".join(problems))
+        return replace(view, untrusted="; ".join(problems))
     return view
 
 
@@ -126,10 +147,26 @@ def check_intent(intent: Intent, rules: MarketRules | None, limits: Limits, ledg
     `best_price` is the best opposite price (best ask for a buy, best bid for a sell), needed only
     for a market order by base amount.
     """
-    broken = market_rule_violation(intent, rules, best_price)
+    broken = market_rule_violation(intent, rules, best_price) or inventory_violation(intent, ledger)
     if broken is not None or intent.purpose == "flatten":
         return broken
     return hard_limit_violation(intent, limits, ledger, best_price)
+
+
+def inventory_violation(intent: Intent, ledger: LedgerView) -> Violation | None:
+    """Spot: a sell only of coins the ledger holds and no other open sell has promised (module doc)."""
+    if intent.side != "sell" or (intent.purpose == "flatten" and intent.scope == "account"):
+        return None
+    if intent.amount is None:
+        return Violation("inventory", "a sell by quote amount cannot be checked against the inventory")
+    if ledger.untrusted is not None:
+        return Violation("inventory", f"the ledger cannot vouch for the coins: {ledger.untrusted}")
+    available = max(ZERO, ledger.position - ledger.open_sells)
+    if intent.amount > available:
+        return Violation("inventory", f"sells {_shown(intent.amount)}, more than the position "
+                                      f"{format_decimal(ledger.position)} less the open sells "
+                                      f"{format_decimal(ledger.open_sells)}")
+    return None
 
 
 def market_rule_violation(intent: Intent, rules: MarketRules | None,
@@ -183,7 +220,7 @@ def hard_limit_violation(intent: Intent, limits: Limits, ledger: LedgerView,
         return Violation("max_notional", f"worst-case notional {format_decimal(notional)} EUR is above "
                                          f"{format_decimal(limits.max_notional_per_order)} EUR")
     if intent.amount is not None and reduces_position(intent.side, intent.amount, ledger.position):
-        return None  # sells within the position: adds no exposure, whatever else the ledger says
+        return None  # a sell within the inventory (checked before): adds no exposure
     if ledger.untrusted is not None:
         return Violation("ledger", f"ledger cannot bound new risk: {ledger.untrusted}")
     for rule, held, limit in (("max_exposure_market", ledger.market_exposure, limits.max_exposure_per_market),
