@@ -1,6 +1,7 @@
 """Maintenance deployments: `lake-compaction`, `lake-rotation`, `backup` (docs/maintenance.md).
 
-Each flow reads `Settings.from_env()`, calls `trading.maintenance`, logs milestones, publishes a
+Each flow reads `Settings.from_env()` and the lake's paths (`blocks.lake`: the `lake-settings`
+block, or its defaults beside the lake), calls `trading.maintenance`, logs milestones, publishes a
 table artifact of what it did and returns a summary dict. A run with errors publishes its
 artifact first and then fails, so it stands out in the run history.
 
@@ -20,6 +21,7 @@ import redis
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from blocks.lake import lake_paths
 from flows.lateness import late_note, lateness_s
 from trading.clock import now_ms
 from trading.config import Settings
@@ -45,14 +47,6 @@ def _lateness(logger: Any, flow_name: str, decision: str, max_lateness_s: int) -
     return lateness, late
 
 
-def default_archive_dir(settings: Settings) -> Path:
-    return settings.parquet_dir.parent / "lake-archive"
-
-
-def default_backup_dir(settings: Settings) -> Path:
-    return settings.parquet_dir.parent / "lake-backup"
-
-
 @flow(name="lake-compaction")
 def lake_compaction(grace_s: int = 900, daily_grace_s: int = 21_600, max_lateness_s: int = 1_800) -> dict[str, Any]:
     """Closed hot JSONL files of the lake into zstd Parquet.
@@ -64,18 +58,17 @@ def lake_compaction(grace_s: int = 900, daily_grace_s: int = 21_600, max_latenes
     """
     _check_non_negative(grace_s=grace_s, daily_grace_s=daily_grace_s, max_lateness_s=max_lateness_s)
     logger = get_run_logger()
-    settings = Settings.from_env()
+    lake = lake_paths(Settings.from_env().parquet_dir).lake  # a block naming another lake fails here
     lateness = lateness_s()
     if lateness > max_lateness_s:
         note = f"{late_note(lateness, max_lateness_s)}: skipped, the next on-time run compacts every closed file"
         logger.warning("lake-compaction %s", note)
         create_table_artifact(key="lake-compaction", table=[{"path": "", "action": "skipped", "rows": 0,
                                                              "detail": note}], description="late run: skipped")
-        return {"skipped": True, "lateness_s": round(lateness, 1), "lake": str(settings.parquet_dir)}
-    logger.info("lake-compaction of %s (grace %d s, daily grace %d s)", settings.parquet_dir, grace_s, daily_grace_s)
-    report = compact_lake(settings.parquet_dir, now_ms=now_ms(), grace_ms=grace_s * 1000,
-                          daily_grace_ms=daily_grace_s * 1000)
-    summary = {"skipped": False, "lateness_s": round(lateness, 1), "lake": str(settings.parquet_dir),
+        return {"skipped": True, "lateness_s": round(lateness, 1), "lake": str(lake)}
+    logger.info("lake-compaction of %s (grace %d s, daily grace %d s)", lake, grace_s, daily_grace_s)
+    report = compact_lake(lake, now_ms=now_ms(), grace_ms=grace_s * 1000, daily_grace_ms=daily_grace_s * 1000)
+    summary = {"skipped": False, "lateness_s": round(lateness, 1), "lake": str(lake),
                **report.summary()}
     rows = [{"path": o.path, "action": o.action, "rows": o.rows, "detail": o.detail} for o in report.files]
     rows += [{"path": path, "action": "quarantine", "rows": 0, "detail": "torn lines kept as evidence"}
@@ -92,28 +85,31 @@ def lake_compaction(grace_s: int = 900, daily_grace_s: int = 21_600, max_latenes
 
 
 @flow(name="lake-rotation")
-def lake_rotation(retention_days: int = 7, mode: Literal["archive", "delete"] = "archive",
+def lake_rotation(retention_days: int | None = None, mode: Literal["archive", "delete"] = "archive",
                   archive_dir: str | None = None, max_lateness_s: int = 21_600) -> dict[str, Any]:
     """Lake retention: archive or delete day partitions older than the retention; today's never.
 
     Args:
-        retention_days: days kept before today's partition (at least 1).
+        retention_days: days kept before today's partition (at least 1); empty: the lake-settings block's
+            retention_days (default 7).
         mode: `archive` moves old day directories to `archive_dir`; `delete` removes them.
-        archive_dir: where archived days go; default `$PARQUET_DIR/../lake-archive`.
+        archive_dir: where archived days go; empty: the lake-settings block's archive_dir (default beside the
+            lake, `var/lake-archive`).
         max_lateness_s: a run starting later than this after its scheduled time still rotates, and says so.
     """
     _check_non_negative(max_lateness_s=max_lateness_s)
     logger = get_run_logger()
-    settings = Settings.from_env()
+    paths = lake_paths(Settings.from_env().parquet_dir)
     lateness, late = _lateness(logger, "lake-rotation", "rotating anyway (retention counts from today)",
                                max_lateness_s)
-    archive_root = Path(archive_dir) if archive_dir else default_archive_dir(settings)
+    archive_root = Path(archive_dir) if archive_dir else paths.archive
+    keep_days = paths.retention_days if retention_days is None else retention_days
     today = utc_day(now_ms())
-    logger.info("lake-rotation of %s: keep %s and %d days before, %s older days%s", settings.parquet_dir, today,
-                retention_days, mode, f" to {archive_root}" if mode == "archive" else "")
-    report = rotate_lake(settings.parquet_dir, today=today, retention_days=retention_days, mode=mode,
+    logger.info("lake-rotation of %s: keep %s and %d days before, %s older days%s (paths: %s)", paths.lake, today,
+                keep_days, mode, f" to {archive_root}" if mode == "archive" else "", paths.source)
+    report = rotate_lake(paths.lake, today=today, retention_days=keep_days, mode=mode,
                          archive_root=archive_root if mode == "archive" else None)
-    summary = {"late": late, "lateness_s": round(lateness, 1), "lake": str(settings.parquet_dir), "today": str(today),
+    summary = {"late": late, "lateness_s": round(lateness, 1), "lake": str(paths.lake), "today": str(today),
                "mode": mode, "archive": str(archive_root) if mode == "archive" else None, **report.summary()}
     rows = [{"day": o.day, "action": o.action, "files": o.files, "bytes": o.bytes, "detail": o.detail}
             for o in report.days]
@@ -138,7 +134,8 @@ def backup(backup_dir: str | None = None, scratch_redis_db: int | None = None,
     """Today's backup of the lake, the decision records and Redis, then the restore check.
 
     Args:
-        backup_dir: backup root; default `$PARQUET_DIR/../lake-backup`. One directory per UTC day.
+        backup_dir: backup root, one directory per UTC day; empty: the lake-settings block's backup_dir
+            (default beside the lake, `var/lake-backup`), which preflight's backup check reads too.
         scratch_redis_db: an empty DB on REDIS_URL's server for the restore check of the Redis snapshot;
             default a private redis-server (must not be older than the source server).
         max_lateness_s: a run starting later than this after its scheduled time still backs up, and says so.
@@ -146,16 +143,17 @@ def backup(backup_dir: str | None = None, scratch_redis_db: int | None = None,
     _check_non_negative(max_lateness_s=max_lateness_s)
     logger = get_run_logger()
     settings = Settings.from_env()
+    paths = lake_paths(settings.parquet_dir)
     lateness, late = _lateness(logger, "backup", "backing up anyway (a missing backup is the bigger risk)",
                                max_lateness_s)
-    backup_root = Path(backup_dir) if backup_dir else default_backup_dir(settings)
+    backup_root = Path(backup_dir) if backup_dir else paths.backup
     source = None if settings.redis_url is None else sync_client(settings.redis_url, decode_responses=False)
     scratch: redis.Redis | None = None
     try:
         if source is None:
             logger.warning("backup: REDIS_URL is not set, so there is no Redis to snapshot; lake only")
-        logger.info("backup of %s to %s", settings.parquet_dir, backup_root)
-        report = make_backup(settings.parquet_dir, backup_root, day=utc_day(now_ms()), now_ms=now_ms(),
+        logger.info("backup of %s to %s (paths: %s)", paths.lake, backup_root, paths.source)
+        report = make_backup(paths.lake, backup_root, day=utc_day(now_ms()), now_ms=now_ms(),
                              redis_client=source)
         if scratch_redis_db is not None and settings.redis_url is not None:
             scratch = sync_client(url_with_db(settings.redis_url, scratch_redis_db), decode_responses=False)

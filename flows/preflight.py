@@ -36,10 +36,10 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Failed
 
+from blocks.lake import LakeSettingsMismatchError, alake_paths
 from blocks.runtime import load_settings
 from deployments.automations import zombie_automation
 from flows.lateness import late_note, lateness_s
-from flows.maintenance import default_backup_dir
 from trading import preflight as pf
 from trading.bus import STREAM_BOOK, STREAM_TICKER24H
 from trading.clock import now_ms
@@ -146,8 +146,13 @@ async def run_checklist(settings: Settings, url: str, *, live: bool, drill: bool
                                               now, live=live))
             if flow_name == "backup":
                 backup_not_due = history.not_yet_due(hours * 3_600_000, now)
-        checks.append(await asyncio.to_thread(_last_backup_restores, default_backup_dir(settings),
-                                              not_due=backup_not_due, live=live))
+        try:
+            backup_root = (await alake_paths(settings.parquet_dir)).backup  # where the backup flow writes
+        except LakeSettingsMismatchError as exc:
+            checks.append(pf.failed("last backup restores", str(exc)))
+        else:
+            checks.append(await asyncio.to_thread(_last_backup_restores, backup_root, not_due=backup_not_due,
+                                                  live=live))
     checks.append(await asyncio.to_thread(_credentials, settings, live))
     return pf.Verdict("live" if live else "dry-run", tuple(checks))
 

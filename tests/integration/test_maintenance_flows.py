@@ -21,6 +21,7 @@ from trading.maintenance.backup import MANIFEST, REDIS_SNAPSHOT, make_backup
 from trading.maintenance.fsutil import file_digest
 from trading.maintenance.redis_snapshot import url_with_db
 from trading.maintenance.restore import check_backup, restore_lake, restore_snapshot
+from trading.preflight import Status
 from trading.redis_conn import EmbeddedRedis
 
 
@@ -167,6 +168,64 @@ def test_backup_flow_backs_up_lake_decisions_and_redis_and_restores_them(
             target.close()
     finally:
         source.close()
+
+
+@pytest.fixture
+def lake_settings_block(lake: Path, tmp_path: Path) -> Iterator[Path]:
+    """A saved `lake-settings/default` block for this test's lake; its backups and archive under `ops/`."""
+    from blocks.lake import LakeSettings
+
+    ops = tmp_path / "ops"
+    LakeSettings(parquet_dir=str(lake), backup_dir=str(ops / "backups"), archive_dir=str(ops / "archive"),
+                 retention_days=2).save("default", overwrite=True)
+    try:
+        yield ops
+    finally:
+        LakeSettings.delete("default")
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_without_a_block_backups_go_beside_the_lake(lake: Path) -> None:
+    from flows.maintenance import backup
+
+    write_hour(lake, "ticker24h", now_ms() - 2 * HOUR_MS, 2)
+    summary = backup()
+    assert Path(summary["backup"]).parent == lake.parent / "lake-backup" and summary["restore_check"]["ok"]
+
+
+@pytest.mark.usefixtures("prefect_api")
+async def test_the_lake_settings_block_is_where_backup_rotation_and_preflight_look(
+        lake: Path, lake_settings_block: Path) -> None:
+    from blocks.lake import alake_paths
+    from flows.maintenance import backup, lake_rotation
+    from flows.preflight import _last_backup_restores
+
+    write_hour(lake, "ticker24h", now_ms(), 2)
+    old = write_hour(lake, "ticker24h", now_ms() - 5 * 24 * HOUR_MS, 2)
+
+    rotated = lake_rotation()  # the block's retention (2 days) and archive
+    assert rotated["archived_days"] == 1 and rotated["archive"] == str(lake_settings_block / "archive")
+    assert (lake_settings_block / "archive" / old.relative_to(lake)).exists()
+    backed_up = Path(backup()["backup"])
+    assert backed_up.parent == lake_settings_block / "backups"
+
+    paths = await alake_paths(lake)  # what preflight's backup check reads
+    assert paths.backup == lake_settings_block / "backups"
+    check = _last_backup_restores(paths.backup, not_due=False, live=False)
+    assert check.status is Status.PASS and backed_up.name in check.detail
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_block_naming_another_lake_stops_maintenance(lake: Path, tmp_path: Path) -> None:
+    from blocks.lake import LakeSettings, LakeSettingsMismatchError
+    from flows.maintenance import lake_compaction
+
+    LakeSettings(parquet_dir=str(tmp_path / "elsewhere")).save("default", overwrite=True)
+    try:
+        with pytest.raises(LakeSettingsMismatchError, match="PARQUET_DIR"):
+            lake_compaction()
+    finally:
+        LakeSettings.delete("default")
 
 
 def test_restore_check_uses_a_private_server_and_redis_refuses_a_damaged_payload(tmp_path: Path) -> None:
