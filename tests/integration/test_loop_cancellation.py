@@ -377,7 +377,9 @@ async def test_every_loop_stops_within_its_grace_period_and_loses_nothing(sim: S
     print(f"LOOP_CANCEL_SEED={seed}")
     with redis_servers(7) as servers, cpu_load():
         settings = stack_settings(sim, servers[0].url, tmp_path / "lake", INGEST_MARKETS="BTC-EUR",
-                                  MARKET_COOLDOWN_MS="0", MAX_OPEN_INTENTS="100000")
+                                  MARKET_COOLDOWN_MS="0", MAX_OPEN_INTENTS="100000",
+                                  # hundreds of 10 EUR buys, never sold: the executor's own limits must not bite
+                                  MAX_EXPOSURE_PER_MARKET_EUR="1000000", MAX_EXPOSURE_TOTAL_EUR="1000000")
         loops = loops_under_test(settings, servers)
         # Executor first: PnL's input is the executor's output, so it settles after the executor.
         rngs = {loop.name: random.Random(f"{seed}:{loop.name}") for loop in loops}

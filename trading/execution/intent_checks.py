@@ -96,9 +96,9 @@ def ledger_view(values: Sequence[str | None], now_ms: int, *, open_intents: Mapp
             continue
         try:
             data = orjson.loads(raw)
-            if data["market"] == market and data["side"] == "sell":
+            if data.get("market") == market and data.get("side") == "sell":
                 open_sells += parse_decimal(data["amount"], "amount")
-        except (orjson.JSONDecodeError, KeyError, TypeError, DecimalParseError):
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, DecimalParseError):
             problems.append(f"open intent {other_id} {raw[:60]!r} does not read")
 
     def decimal(name: str, raw: str | None) -> Decimal:
