@@ -69,6 +69,9 @@ from trading.config import DEFAULT_SIGNAL_STREAM
 # Commands that change data (the unit tests use it to check who may write a key).
 WRITE_COMMANDS = frozenset({"xadd", "set", "del", "hset", "hdel", "incr", "pexpire", "restore", "rename"})
 
+# Keys no flow writes: an operator sets them by hand (redis-cli as the administrator), loops only read them.
+OPERATOR_ONLY_KEYS = (KEY_TRADING_STATE,)
+
 # Keyless commands every user needs: health checks, transactions, loading the scripts it runs
 # (redis-py's Script and pipelines), server time (loops) and INFO (metrics, version checks).
 BASE_COMMANDS = ("ping", "echo", "info", "time", "multi", "exec", "discard", "unwatch",

@@ -1,0 +1,73 @@
+"""The Redis role table (trading/redis_acl.py) covers every key of the stream contract (trading/bus.py):
+each has a writer, the single-writer keys have exactly theirs, and the ACL arguments are well formed."""
+
+from __future__ import annotations
+
+import pytest
+
+from trading import bus
+from trading.redis_acl import OPERATOR_ONLY_KEYS, roles, setuser_args, setuser_lines
+
+ROLES = {spec.name: spec for spec in roles()}
+LOOPS_AND_FLOWS = {"ingest", "signal-engine", "trading-core", "executor", "pnl", "ops-metrics", "kill-switch",
+                   "flatten", "go-live", "preflight", "maintenance", "universe"}
+
+
+def _contract_keys() -> list[str]:
+    """Every key and stream bus.py names, a prefix or a template made concrete."""
+    keys = [value for name, value in vars(bus).items()
+            if isinstance(value, str) and name.startswith(("KEY_", "STREAM_", "ORDERS_", "TRADING_"))]
+    return [*keys, bus.flatten_authorization_key("intent-1"), bus.stream_candles("1m"), "signals:baseline"]
+
+
+def writers(key: str) -> set[str]:
+    # Maintenance may RESTORE any key (its backup restore check; see trading/redis_acl.py): not a writer here.
+    return {name for name, spec in ROLES.items() if spec.writes(key) and name != "maintenance"}
+
+
+def test_the_table_has_exactly_the_known_roles() -> None:
+    assert set(ROLES) == LOOPS_AND_FLOWS
+    assert len(ROLES) == len(roles())
+
+
+@pytest.mark.parametrize("key", _contract_keys())
+def test_every_contract_key_has_a_writer(key: str) -> None:
+    if key in OPERATOR_ONLY_KEYS:
+        assert not writers(key), f"{key} is set by an operator by hand, never by a loop"
+    else:
+        assert writers(key), f"{key} is writable by no role"
+
+
+def test_single_writer_keys() -> None:
+    assert {n for n, s in ROLES.items() if s.allows("xadd", bus.ORDERS_SHADOW)} == {"trading-core", "flatten"}
+    assert writers(bus.ORDERS_EXECUTED) == {"executor"}
+    for key in (bus.KEY_INFLIGHT, bus.KEY_LIVE_OPEN, "orders:live:sent:x", "executor:paper:open"):
+        assert writers(key) == {"executor"}, key
+    assert writers(bus.KEY_KILL) == {"kill-switch", "flatten", "preflight"}
+    assert writers(bus.flatten_authorization_key("x")) == {"flatten"}
+    assert writers("signals:baseline") == {"signal-engine", "preflight"}  # preflight's drill signal
+    assert writers(bus.KEY_PNL_PAPER) == writers(bus.KEY_PNL_LIVE) == {"pnl"}
+    assert writers(bus.KEY_GOLIVE) == {"go-live"}
+    assert writers(bus.KEY_UNIVERSE) == {"universe"}
+    assert writers(bus.TRADING_EVENTS) == LOOPS_AND_FLOWS - {"maintenance"}
+
+
+def test_consumers_read_their_stream_without_writing_it() -> None:
+    for role, stream in (("signal-engine", bus.STREAM_BOOK), ("trading-core", "signals:baseline"),
+                         ("executor", bus.ORDERS_SHADOW), ("pnl", bus.ORDERS_EXECUTED)):
+        spec = ROLES[role]
+        assert spec.allows("xreadgroup", stream) and spec.allows("xack", stream)
+        assert not spec.allows("xadd", stream)
+        assert spec.allows("xadd", bus.dead_letter_stream(stream))
+        assert spec.allows("set", f"done:{role}:x")
+
+
+def test_setuser_args_reset_the_user_and_carry_no_plaintext_given_a_hash() -> None:
+    args = setuser_args(ROLES["executor"], "#" + "0" * 64)
+    assert args[:4] == ["executor", "reset", "on", "#" + "0" * 64]
+    assert all(a.startswith(("+", "(")) for a in args[4:])
+    coarse = setuser_args(ROLES["executor"], "#" + "0" * 64, selectors=False)
+    assert "~orders:shadow" in coarse and not any(a.startswith("(") for a in coarse)
+    lines = setuser_lines()
+    assert len(lines) == len(ROLES) and all(line.startswith("ACL SETUSER ") for line in lines)
+    assert "><password:executor>" in lines[[s.name for s in roles()].index("executor")]
