@@ -19,6 +19,12 @@ One supervisor per var/ (a lock); var/run/up.json names the children it started,
 
 `PREFECT_SERVER_ENCRYPTION_KEY` is generated once into var/secrets (mode 0600), outside the
 Prefect database, so a backup of prefect.db holds no usable secret.
+
+The embedded Redis gets one ACL user per loop and operator flow (trading/redis_acl.py), reset to
+the role table at every start; their passwords are generated once into var/secrets/redis-users.json
+(mode 0600) and saved in the `redis-<role>` RedisDatabase blocks. The default user stays open on
+127.0.0.1 for make up itself, the tests and flows not yet reading their role's block. With
+`REDIS_URL` set no user is created: docs/scale-out.md shows the same users on a managed Redis.
 """
 
 from __future__ import annotations
@@ -45,12 +51,14 @@ from typing import IO, Any
 
 from cryptography.fernet import Fernet
 
+from trading import redis_acl
 from trading.config import ConfigError, Settings, mask_url_password
-from trading.redis_conn import EmbeddedRedis, RedisUnavailableError
+from trading.redis_conn import EmbeddedRedis, RedisUnavailableError, sync_client
 
 ROOT = Path(__file__).resolve().parents[1]
 VAR = Path(os.environ.get("TRADING_VAR_DIR") or ROOT / "var").resolve()
 STATE = VAR / "run" / "up.json"
+REDIS_USERS = VAR / "secrets" / "redis-users.json"  # role -> password of the embedded Redis's ACL users
 BIN = Path(sys.executable).parent
 PREFECT_PORT = int(os.environ.get("PREFECT_PORT", "4200"))  # prefect.toml points the CLI here
 REDIS_PORT = int(os.environ.get("REDIS_PORT", "6390"))  # not 6379: a system Redis may be there
@@ -261,6 +269,21 @@ def _start_redis(children: Children, env: dict[str, str]) -> str:
                            "is another Redis or a leftover redis-server there?") from None
 
 
+def _redis_users(redis_url: str, settings: Settings) -> str:
+    """Create (or reset to the table) one ACL user per role on the embedded Redis; say how strict they are."""
+    passwords = redis_acl.load_or_create_passwords(REDIS_USERS)
+    client = sync_client(redis_url)
+    try:
+        selectors = redis_acl.apply(client, passwords, signal_stream=settings.signal_stream)
+        version = client.info("server")["redis_version"]
+    finally:
+        client.close()
+    strictness = ("per-key commands (selectors)" if selectors else
+                  "keys and commands, not per key: Redis < 7 has no selectors (docs/scale-out.md)")
+    return (f"           ACL users {', '.join(sorted(passwords))} on Redis {version}: {strictness}; "
+            f"passwords in {REDIS_USERS} and the redis-<role> blocks")
+
+
 def _encryption_key() -> str:
     """The Fernet key for block secrets, created once and kept outside the Prefect database."""
     path = VAR / "secrets" / "prefect-encryption-key"
@@ -300,6 +323,20 @@ def fingerprint() -> str:
     return "make-up-" + digest.hexdigest()[:12]
 
 
+# One RedisDatabase block per role, read from the passwords file (never a command-line argument).
+_ROLE_BLOCKS = """
+import json, sys
+from urllib.parse import urlsplit
+from prefect_redis import RedisDatabase
+url = urlsplit(sys.argv[1])
+with open(sys.argv[2]) as handle:
+    passwords = json.load(handle)
+for role, password in passwords.items():
+    RedisDatabase(host=url.hostname, port=url.port, db=int(url.path.strip('/') or 0), username=role,
+                  password=password).save('redis-' + role, overwrite=True)
+"""
+
+
 def _register_blocks(env: dict[str, str], redis_url: str, settings: Settings) -> None:
     for module in ("blocks.credentials", "blocks.lake", "prefect_redis"):
         _prefect(env, "block", "register", "-m", module)
@@ -309,6 +346,8 @@ def _register_blocks(env: dict[str, str], redis_url: str, settings: Settings) ->
             str(settings.parquet_dir), str(VAR / "backups"))
     _python(env, "-c", "import sys; from prefect_redis import RedisDatabase; "
             "RedisDatabase.from_connection_string(sys.argv[1]).save('default', overwrite=True)", redis_url)
+    if not settings.redis_url:  # the embedded Redis, whose users make up created
+        _python(env, "-c", _ROLE_BLOCKS, redis_url, str(REDIS_USERS))
     if (ROOT / ".env.bitvavo").exists():
         _say(_python(env, "-m", "blocks.import_env", str(ROOT / ".env.bitvavo")))
 
@@ -338,6 +377,7 @@ def _start(settings: Settings, children: Children, env: dict[str, str]) -> None:
     else:
         redis_url = _start_redis(children, env)
         lines.append(f"redis      {redis_url}  (embedded, REDIS_PORT={REDIS_PORT}, data in {VAR / 'redis'})")
+        lines.append(_redis_users(redis_url, settings))
     env["REDIS_URL"] = redis_url
     if settings.has_credentials or (ROOT / ".env.bitvavo").exists():
         lines.append(f"exchange   {settings.bitvavo_rest_url}  (credentials configured)")

@@ -227,7 +227,8 @@ def setuser_args(spec: Role, password_rule: str, *, selectors: bool = True) -> l
     if selectors:
         args += ["(" + " ".join([*(f"~{k}" for k in g.keys), *(f"+{c}" for c in g.commands)]) + ")" for g in keyed]
     else:
-        args += sorted({f"~{k}" for g in keyed for k in g.keys})
+        patterns = {k for g in keyed for k in g.keys}
+        args += ["~*"] if "*" in patterns else sorted(f"~{k}" for k in patterns)  # Redis refuses more after ~*
         args += sorted({f"+{c}" for g in keyed for c in g.commands} - {f"+{c}" for c in keyless})
     return args
 
