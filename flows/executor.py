@@ -47,7 +47,22 @@ async def executor(duration_s: float | None = None, metrics_port: int = DEFAULT_
                    paper_balances: dict[str, Decimal] | None = None,
                    paper_maker_fee: Decimal = DEFAULT_FEES.maker,
                    paper_taker_fee: Decimal = DEFAULT_FEES.taker) -> dict[str, Any]:
-    """Execute intents: paper fills in dry-run (default), Bitvavo orders in live mode."""
+    """Execute intents: paper fills in dry-run (default), Bitvavo orders in live mode.
+
+    Args:
+        duration_s: seconds this segment runs before it returns and the restart trigger starts the next;
+            empty: until cancelled.
+        metrics_port: port of this loop's Prometheus /metrics (on METRICS_HOST).
+        lease_wait_s: seconds to wait for the Redis lease a previous run may still hold (up to its 15 s TTL);
+            0: fail at once when another instance holds it.
+        poll_interval_s: seconds between polls of the venue for orders that fill later.
+        max_intent_age_s: an intent older than this is refused (`intent_expired`), never sent.
+        book_wait_s: paper only: seconds an intent for a market without a book yet waits for it.
+        paper_balances: paper only: starting balances per symbol, e.g. {"EUR": "10000", "BTC": "0"};
+            empty: the paper venue's defaults.
+        paper_maker_fee: paper only: maker fee as a fraction (0.0015 = 0.15 %).
+        paper_taker_fee: paper only: taker fee as a fraction (0.0025 = 0.25 %).
+    """
     logger = get_run_logger()
     settings = await load_settings()  # env, with the credentials block over it; a bad variable fails here
     with redis_url(settings) as url:

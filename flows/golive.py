@@ -8,7 +8,7 @@ switch is set, or when a later preflight says NO-GO.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
@@ -33,9 +33,19 @@ class GoLiveRefused(RuntimeError):
 
 
 @flow(name="go-live")
-async def go_live(operator: str, reason: str, participants: list[str], risks: str, decision: str = DECISION_GO,
-                  valid_for_h: float = 12.0) -> dict[str, Any]:
-    """Record a go-live decision; the live gate opens only on GO with a GO preflight."""
+async def go_live(operator: str, reason: str, participants: list[str], risks: str,
+                  decision: Literal["GO", "NO-GO"] = "GO", valid_for_h: float = 12.0) -> dict[str, Any]:
+    """Record a go-live decision; the live gate opens only on GO with a GO preflight.
+
+    Args:
+        operator: who decides (your name); kept in the decision record and on the run.
+        reason: why now; kept in the decision record.
+        participants: who took part in the decision, e.g. ["alice", "bob"].
+        risks: the known risks accepted, free text; kept in the decision record.
+        decision: GO asks to open the live gate (it opens only if the live preflight says GO too); NO-GO
+            closes it.
+        valid_for_h: hours a GO stays valid (at most 24): the gate closes when it expires.
+    """
     require_operator(operator, reason)
     if decision not in (DECISION_GO, DECISION_NO_GO):
         raise ValueError(f"decision must be {DECISION_GO} or {DECISION_NO_GO}, got {decision!r}")

@@ -39,7 +39,16 @@ async def _run(handler: IngestHandler, *, duration_s: float | None, metrics_port
 @flow(name="ingest-ticker24h")
 async def ingest_ticker24h(duration_s: float | None = None, metrics_port: int = 9611, lease_wait_s: float = 0.0,
                            universe_poll_s: float = 10.0) -> dict[str, Any]:
-    """ticker24h for the selected markets into `bitvavo:ticker24h` and the lake."""
+    """ticker24h for the selected markets into `bitvavo:ticker24h` and the lake.
+
+    Args:
+        duration_s: seconds this segment runs before it returns and the restart trigger starts the next;
+            empty: until cancelled.
+        metrics_port: port of this loop's Prometheus /metrics (on METRICS_HOST).
+        lease_wait_s: seconds to wait for the Redis lease a previous run may still hold (up to its 15 s TTL);
+            0: fail at once when another instance holds it.
+        universe_poll_s: seconds between reads of `trading:universe`, to follow a changed market selection.
+    """
     return await _run(Ticker24hIngest(), duration_s=duration_s, metrics_port=metrics_port,
                       lease_wait_s=lease_wait_s, universe_poll_s=universe_poll_s)
 
@@ -48,7 +57,17 @@ async def ingest_ticker24h(duration_s: float | None = None, metrics_port: int = 
 async def ingest_orderbook(duration_s: float | None = None, snapshot_every_s: float = 300.0,
                            metrics_port: int = 9612, lease_wait_s: float = 0.0,
                            universe_poll_s: float = 10.0) -> dict[str, Any]:
-    """Local books for the selected markets: every update, the top of book, snapshots and gaps."""
+    """Local books for the selected markets: every update, the top of book, snapshots and gaps.
+
+    Args:
+        duration_s: seconds this segment runs before it returns and the restart trigger starts the next;
+            empty: until cancelled.
+        metrics_port: port of this loop's Prometheus /metrics (on METRICS_HOST).
+        lease_wait_s: seconds to wait for the Redis lease a previous run may still hold (up to its 15 s TTL);
+            0: fail at once when another instance holds it.
+        snapshot_every_s: seconds between full book snapshots written to the lake per market.
+        universe_poll_s: seconds between reads of `trading:universe`, to follow a changed market selection.
+    """
     return await _run(OrderbookIngest(snapshot_every_s), duration_s=duration_s, metrics_port=metrics_port,
                       lease_wait_s=lease_wait_s, universe_poll_s=universe_poll_s)
 
@@ -57,6 +76,17 @@ async def ingest_orderbook(duration_s: float | None = None, snapshot_every_s: fl
 async def ingest_candles(duration_s: float | None = None, intervals: list[str] | None = None,
                          backfill_buckets: int = 60, metrics_port: int = 9613, lease_wait_s: float = 0.0,
                          universe_poll_s: float = 10.0) -> dict[str, Any]:
-    """Candles (default 1m and 5m) with REST backfill of missed buckets and known-empty records."""
+    """Candles (default 1m and 5m) with REST backfill of missed buckets and known-empty records.
+
+    Args:
+        duration_s: seconds this segment runs before it returns and the restart trigger starts the next;
+            empty: until cancelled.
+        metrics_port: port of this loop's Prometheus /metrics (on METRICS_HOST).
+        lease_wait_s: seconds to wait for the Redis lease a previous run may still hold (up to its 15 s TTL);
+            0: fail at once when another instance holds it.
+        intervals: candle intervals to record, e.g. ["1m", "5m"]; empty: 1m and 5m.
+        backfill_buckets: how many buckets per interval the start-up REST backfill reaches back.
+        universe_poll_s: seconds between reads of `trading:universe`, to follow a changed market selection.
+    """
     return await _run(CandlesIngest(tuple(intervals or ("1m", "5m")), backfill_buckets), duration_s=duration_s,
                       metrics_port=metrics_port, lease_wait_s=lease_wait_s, universe_poll_s=universe_poll_s)

@@ -18,7 +18,15 @@ from trading.redis_conn import connected
 
 @flow(name="kill-switch")
 async def kill_switch(enabled: bool, operator: str, reason: str) -> dict[str, Any]:
-    """Switch the kill switch on (`enabled=true`: every new order is blocked) or off."""
+    """Switch the kill switch on (`enabled=true`: every new order is blocked) or off.
+
+    `enabled` has no default: the operator chooses on or off on every run.
+
+    Args:
+        enabled: true switches the kill switch ON (every new order is blocked); false switches it OFF.
+        operator: who is acting (your name); kept on the run, the artifact and trading:events.
+        reason: why; kept with the change.
+    """
     require_operator(operator, reason)
     logger = get_run_logger()
     settings = await load_settings()
@@ -45,6 +53,15 @@ async def flatten(operator: str, reason: str, close_positions: bool = False, mar
     `scope=account` everything available (a dedicated account). The run waits up to `wait_s` for
     the executor's reports and fails, naming them, when a sale has none, or did not fill in full.
     The kill switch stays on afterwards; switch it off with `kill-switch`.
+
+    Args:
+        operator: who is acting (your name); kept on the run, the artifact and trading:events.
+        reason: why; kept with the flatten event.
+        close_positions: also sell the positions at market; false only cancels the open orders.
+        markets: only these markets, e.g. ["BTC-EUR"]; empty: the configured markets and every held position.
+        scope: live only: `ledger` sells the live ledger's positions (capped by the balances); `account`
+            sells everything available (a dedicated account).
+        wait_s: seconds to wait for the executor's reports of the sales before the run fails naming them.
     """
     require_operator(operator, reason)
     if scope not in SCOPES:

@@ -17,7 +17,16 @@ from trading.redis_conn import redis_url
 @flow(name="ops-metrics")
 async def ops_metrics(duration_s: float | None = None, metrics_port: int = DEFAULT_METRICS_PORT,
                       interval_s: float = DEFAULT_INTERVAL_S, lease_wait_s: float = 0.0) -> dict[str, Any]:
-    """Serve Redis memory and the lake's free disk space for the alert rules."""
+    """Serve Redis memory and the lake's free disk space for the alert rules.
+
+    Args:
+        duration_s: seconds this segment runs before it returns and the restart trigger starts the next;
+            empty: until cancelled.
+        metrics_port: port of this loop's Prometheus /metrics (on METRICS_HOST).
+        lease_wait_s: seconds to wait for the Redis lease a previous run may still hold (up to its 15 s TTL);
+            0: fail at once when another instance holds it.
+        interval_s: seconds between readings of Redis memory and the lake's disk space.
+    """
     logger = get_run_logger()
     settings = await load_settings()  # a bad variable fails the run here, naming it
     with redis_url(settings) as url:

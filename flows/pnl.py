@@ -20,7 +20,16 @@ from trading.redis_conn import redis_url
 async def pnl_orchestrator(duration_s: float | None = None, metrics_port: int = DEFAULT_METRICS_PORT,
                            lease_wait_s: float = 0.0, snapshot_every_s: float = 60.0) -> dict[str, Any]:
     """`orders:executed` into the paper and live ledgers; `trading:pnl:paper` and `trading:pnl:live`, lake
-    snapshots (`pnl/`) and `trader_pnl_*` metrics."""
+    snapshots (`pnl/`) and `trader_pnl_*` metrics.
+
+    Args:
+        duration_s: seconds this segment runs before it returns and the restart trigger starts the next;
+            empty: until cancelled.
+        metrics_port: port of this loop's Prometheus /metrics (on METRICS_HOST).
+        lease_wait_s: seconds to wait for the Redis lease a previous run may still hold (up to its 15 s TTL);
+            0: fail at once when another instance holds it.
+        snapshot_every_s: seconds between PnL snapshots written to the lake (`pnl/`); one more at stop.
+    """
     logger = get_run_logger()
     settings = Settings.from_env()  # a bad variable fails the run here, naming it
     with redis_url(settings) as url:

@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
@@ -51,8 +51,11 @@ from trading.redis_conn import async_client, redis_url
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("trading", "flows", "blocks", "deployments")
+# A loop by its lease name; a Literal, so the run form offers the names instead of free text.
+LoopName = Literal["ingest:ticker24h", "ingest:orderbook", "ingest:candles", "signal-engine", "trading-core",
+                   "executor", "pnl", "ops-metrics"]
 # loop -> (metrics port, a family every healthy instance exports)
-LOOP_METRICS: dict[str, tuple[int, str]] = {
+LOOP_METRICS: dict[LoopName, tuple[int, str]] = {
     "ingest:ticker24h": (9611, "ingest_messages"), "ingest:orderbook": (9612, "ingest_messages"),
     "ingest:candles": (9613, "ingest_messages"), "signal-engine": (9601, "trader_signal_engine_consumed"),
     "trading-core": (9602, "trading_core_consumed"), "executor": (9603, "trader_executor_consumed"),
@@ -99,9 +102,9 @@ async def _orchestration() -> pf.CheckResult:
     return pf.check_orchestration(automations, [zombie_automation().name], online)
 
 
-async def run_checklist(settings: Settings, url: str, *, live: bool, drill: bool, loops: Sequence[str],
+async def run_checklist(settings: Settings, url: str, *, live: bool, drill: bool, loops: Sequence[LoopName],
                         stream_max_age_s: float, min_free_gb: float, lake_quiet_s: float,
-                        check_maintenance: bool, metrics_ports: Mapping[str, int] | None = None) -> pf.Verdict:
+                        check_maintenance: bool, metrics_ports: Mapping[LoopName, int] | None = None) -> pf.Verdict:
     now = now_ms()
     # Disk- and network-bound checks run in threads: the flow's event loop also serves its heartbeats.
     checks: list[pf.CheckResult] = [pf.check_live_mode(settings.dry_run, live),
@@ -131,8 +134,9 @@ async def run_checklist(settings: Settings, url: str, *, live: bool, drill: bool
     finally:
         await client.aclose()
     ports = {loop: port for loop, (port, _family) in LOOP_METRICS.items()} | dict(metrics_ports or {})
-    endpoints = {loop: (f"http://{settings.metrics_host}:{ports[loop]}/metrics", [family])
-                 for loop, (_port, family) in LOOP_METRICS.items() if loop in loops}
+    endpoints: dict[str, tuple[str, Sequence[str]]] = {
+        loop: (f"http://{settings.metrics_host}:{ports[loop]}/metrics", [family])
+        for loop, (_port, family) in LOOP_METRICS.items() if loop in loops}
     checks.append(await pf.guarded("metrics endpoints", pf.check_metrics_endpoints(endpoints)))
     checks.append(await asyncio.to_thread(pf.check_lake, settings.parquet_dir,
                                           min_free_bytes=int(min_free_gb * 2**30), max_quiet_s=lake_quiet_s,
@@ -187,9 +191,9 @@ def _credentials(settings: Settings, live: bool) -> pf.CheckResult:
 
 
 @flow(name="preflight")
-async def preflight(live: bool = False, drill: bool = True, loops: list[str] | None = None,
+async def preflight(live: bool = False, drill: bool = True, loops: list[LoopName] | None = None,
                     stream_max_age_s: float = 60.0, min_free_gb: float = 2.0, lake_quiet_s: float = 300.0,
-                    check_maintenance: bool = True, metrics_ports: dict[str, int] | None = None,
+                    check_maintenance: bool = True, metrics_ports: dict[LoopName, int] | None = None,
                     max_lateness_s: float = 1800.0) -> Any:
     """The go-live checklist. `live=true` checks for live trading (DRY_RUN=false, credentials, no
     withdrawal right); the default checks the dry-run stack. GO returns the summary; NO-GO ends
@@ -197,7 +201,21 @@ async def preflight(live: bool = False, drill: bool = True, loops: list[str] | N
 
     A run that starts more than `max_lateness_s` after its schedule (a backlog after downtime)
     still checks everything but skips the kill-switch drill, and says so: flipping the switch at
-    an hour nobody planned could block live orders unexpectedly."""
+    an hour nobody planned could block live orders unexpectedly.
+
+    Args:
+        live: check for live trading (DRY_RUN=false, credentials without withdrawal right); false checks
+            the dry-run stack.
+        drill: switch the kill switch on for a moment and check that a test signal is blocked.
+        loops: the loops that must be running; empty: all of them.
+        stream_max_age_s: the ingest streams' newest entry must be younger than this, seconds.
+        min_free_gb: free disk space the lake needs, GiB.
+        lake_quiet_s: the lake must have been written within this many seconds.
+        check_maintenance: check that compaction, rotation and backup ran within their windows and that the
+            last backup restores.
+        metrics_ports: a loop's /metrics port when not its default, e.g. {"executor": 9703}.
+        max_lateness_s: a run starting later than this after its scheduled time skips the kill-switch drill.
+    """
     logger = get_run_logger()
     settings = await load_settings()
     selected = loops if loops is not None else list(LOOP_METRICS)

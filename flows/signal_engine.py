@@ -29,7 +29,24 @@ async def signal_engine(duration_s: float | None = None, metrics_port: int = DEF
                         strategy_options: dict[str, str] | None = None) -> dict[str, Any]:
     """Book entries in, signals out: rolling spread/volatility per market and a pluggable strategy.
 
-    `strategy`: "baseline" or "package.module:function". Unset thresholds come from the env.
+    Unset thresholds come from the environment.
+
+    Args:
+        duration_s: seconds this segment runs before it returns and the restart trigger starts the next;
+            empty: until cancelled.
+        metrics_port: port of this loop's Prometheus /metrics (on METRICS_HOST).
+        lease_wait_s: seconds to wait for the Redis lease a previous run may still hold (up to its 15 s TTL);
+            0: fail at once when another instance holds it.
+        strategy: "baseline", or a custom strategy as "package.module:function".
+        max_spread_bps: a market whose spread is wider (basis points) gets no signal; empty: SIGNAL_MAX_SPREAD_BPS.
+        min_volatility_bps: a market calmer than this (basis points) gets no signal;
+            empty: SIGNAL_MIN_VOLATILITY_BPS.
+        window: book samples in each market's rolling window; empty: SIGNAL_WINDOW.
+        min_interval_ms: at least this long between two signals of one market.
+        max_book_age_ms: a book entry older than this is not evaluated; empty: STALE_BOOK_MS.
+        max_sample_gap_ms: no sample of a market for longer than this restarts its window.
+        markets: only these markets, e.g. ["BTC-EUR"]; empty: every market on `bitvavo:book`.
+        strategy_options: free-form settings passed to a custom strategy.
     """
     logger = get_run_logger()
     settings = Settings.from_env()  # a bad variable fails the run here, naming it

@@ -31,9 +31,26 @@ async def trading_core(duration_s: float | None = None, metrics_port: int = DEFA
                        market_cooldown_ms: int | None = None) -> dict[str, Any]:
     """Size each signal into a limit IOC intent and let it through only if every guard passes.
 
-    Limits left empty use the environment (`MAX_NOTIONAL_PER_ORDER_EUR`, `MAX_EXPOSURE_PER_MARKET_EUR`,
-    `MAX_EXPOSURE_TOTAL_EUR`, `MAX_OPEN_INTENTS`, `MAX_DAILY_LOSS_EUR`, `STALE_BOOK_MS`,
-    `MARKET_COOLDOWN_MS`, `ORDER_NOTIONAL_EUR`).
+    Limits left empty use the environment variable named with each.
+
+    Args:
+        duration_s: seconds this segment runs before it returns and the restart trigger starts the next;
+            empty: until cancelled.
+        metrics_port: port of this loop's Prometheus /metrics (on METRICS_HOST).
+        lease_wait_s: seconds to wait for the Redis lease a previous run may still hold (up to its 15 s TTL);
+            0: fail at once when another instance holds it.
+        order_notional_eur: size of each order in EUR; empty: ORDER_NOTIONAL_EUR.
+        slippage_bps: the limit price is this far (basis points) beyond the mid plus half the spread.
+        max_notional_per_order_eur: refuse an order above this EUR value; empty: MAX_NOTIONAL_PER_ORDER_EUR.
+        max_exposure_per_market_eur: refuse an order that takes one market's exposure (position plus open
+            intents) above this; empty: MAX_EXPOSURE_PER_MARKET_EUR.
+        max_exposure_total_eur: the same over all markets together; empty: MAX_EXPOSURE_TOTAL_EUR.
+        max_open_intents: refuse while this many intents are still open; empty: MAX_OPEN_INTENTS.
+        max_daily_loss_eur: once today's realised loss is beyond this, only orders that reduce a position
+            pass; empty: MAX_DAILY_LOSS_EUR.
+        stale_book_ms: refuse when the market's book is older than this; empty: STALE_BOOK_MS.
+        market_cooldown_ms: at least this long between two intents of one market (0: off);
+            empty: MARKET_COOLDOWN_MS.
     """
     logger = get_run_logger()
     settings = Settings.from_env()  # a bad variable fails the run here, naming it

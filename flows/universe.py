@@ -47,7 +47,34 @@ def universe_selection(
     max_data_age_s: int = 300,
     max_lateness_s: int = 600,
 ) -> dict[str, Any]:
-    """Pick the markets ingest records and the trading core trades; see docs/universe.md."""
+    """Pick the markets ingest records and the trading core trades; see docs/universe.md.
+
+    A market joins after qualifying for `min_qualify_s` and leaves after failing for `min_fail_s`
+    (hysteresis); failing a hard filter (name, status, quote, blacklist) removes it at once.
+
+    Args:
+        top_n: the universe's size at most: the top markets by 24 h quote volume among those passing.
+        min_quote_volume_eur: minimum 24 h quote volume, EUR.
+        max_spread_bps: maximum bid/ask spread, basis points of the mid.
+        min_volatility_bps: minimum volatility per candle of `candle_interval`, basis points.
+        max_volatility_bps: maximum volatility per candle, basis points; empty: no maximum.
+        min_price: minimum last price, EUR.
+        max_price: maximum last price, EUR; empty: no maximum.
+        max_tick_bps: maximum size of one price tick, basis points of the price; empty: no maximum.
+        min_range_bps: minimum 24 h high-low range, basis points of the low.
+        max_range_bps: maximum 24 h high-low range, basis points of the low; empty: no maximum.
+        min_depth_eur: minimum EUR on the thinner side of the book within `depth_bps` of the mid;
+            0: no depth filter (and no REST book calls).
+        depth_bps: how far from the mid the depth filter counts, basis points.
+        blacklist: regular expressions of markets never selected (full match), e.g. ["(USDT|USDC)-EUR"].
+        quote: quote currency of the markets considered.
+        candle_interval: candle interval of the volatility filter (ingest records 1m and 5m).
+        volatility_candles: closed candles in the volatility window.
+        min_qualify_s: seconds a market must qualify before it joins.
+        min_fail_s: seconds a member must fail a soft filter before it leaves.
+        max_data_age_s: ticker or book entries older than this count as missing.
+        max_lateness_s: a run starting later than this after its scheduled time decides nothing and says so.
+    """
     logger = get_run_logger()
     lateness = lateness_s()
     if lateness > max_lateness_s:
