@@ -8,12 +8,15 @@ switch is set, or when a later preflight says NO-GO.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
 
 from blocks.runtime import load_settings
+from flows.links import flow_run_link
 from flows.preflight import PreflightNoGo, preflight
 from trading.clock import now_ms
 from trading.golive import (
@@ -56,9 +59,10 @@ async def go_live(operator: str, reason: str, participants: list[str], risks: st
     rows: list[dict[str, str]] = []
     async with connected(settings) as client:
         seen = await latest_decided_ms(client) or ""  # a decision recorded after this one wins
+    checked = await preflight(live=True, return_state=True)
+    preflight_run = checked.state_details.flow_run_id  # linked from the artifact: the checks this decision used
     try:
-        checked = await preflight(live=True)
-        rows, preflight_go = checked["checks"], True
+        rows, preflight_go = (await checked.aresult())["checks"], True
     except PreflightNoGo as exc:
         preflight_go = False
         rows = [{"check": "preflight", "status": "FAIL", "detail": str(exc)}]
@@ -73,9 +77,19 @@ async def go_live(operator: str, reason: str, participants: list[str], risks: st
         await record_decision(client, decision=final, operator=operator, reason=reason, decided_ms=decided,
                               valid_for_ms=valid_for_ms, record=str(path),
                               unless_changed_since=None if final == DECISION_NO_GO else seen)
-    await acreate_markdown_artifact(key="go-live-decision", markdown=record.markdown(), description=final)
+    await acreate_markdown_artifact(key="go-live-decision", description=final,
+                                    markdown=record.markdown() + _links(settings.parquet_dir, path, preflight_run))
     logger.info("go-live decision %s by %s (requested %s, preflight %s); record %s", final, operator, decision,
                 "GO" if preflight_go else "NO-GO", path)
     if final != DECISION_GO:
         raise GoLiveRefused(f"NO-GO: requested {decision}, preflight {'GO' if preflight_go else 'NO-GO'}")
     return {"decision": final, "record": str(path), "valid_until_ms": record.valid_until_ms}
+
+
+def _links(lake: Path, record: Path, preflight_run: UUID | None) -> str:
+    """Where the decision record is, and the preflight run whose checks it holds."""
+    lines = ["", "## Links", "", f"- decision record: `{record}` (in the lake: `{record.relative_to(lake)}`, "
+             "backed up with it)"]
+    if preflight_run is not None:
+        lines.append(f"- {flow_run_link('live preflight run', preflight_run)}: the checks above")
+    return "\n".join(lines) + "\n"
