@@ -4,9 +4,26 @@
 with NX and a TTL; `lease:<name>:fencing` is INCRed on every acquisition and the value is
 handed to the holder as its fencing token, so a side effect can be refused from a holder
 that lost the lease without knowing it. Renew and release act only when the token matches
-(Lua, atomic). The holder learns it lost the lease from `renew()` returning False, or from
-`keep_renewed()` raising `LeaseLostError`: run it beside the work in a TaskGroup, so losing
-the lease stops the work.
+(Lua, atomic).
+
+`keep_renewed()` runs beside the work (`trading/loop.py`) on the lease's own connections
+(`redis_conn.dedicated_client`: a stuck command of the loop cannot delay it), renewing every
+`ttl/15` (1 s of the default 15 s), each attempt bounded by `ttl/5`. It keeps the loop's
+`CommandGate` open only while the lease is known held: until `ttl/3` after the start of the
+last renewal that succeeded. So the loop stops reading and writing Redis at the first failed
+renewal, at the latest `ttl/3` after the last good one (also when the event loop was too busy
+to renew), and a command that passed the gate just before ends within the client's socket
+timeout (5 s): all of it before the lease can expire (`ttl`).
+
+Redis away (errors, timeouts) or the key gone (it expired, or Redis lost it) pauses the loop;
+the lease is then re-acquired, with a NEW fencing token, as soon as Redis answers again, and
+the loop goes on. Re-acquiring succeeds only if no other instance acquired the lease since this
+one did: the key is this holder's or absent, and the fencing counter is still this holder's
+token (a counter lost with Redis's data continues from it, so tokens never go back). Finding
+another holder, or a counter that moved, raises `LeaseLostError`: the other instance acted, so
+this one stops. Redis unreachable for `REDIS_AWAY_LIMIT_S` (5 min) raises it too: past that the
+loop's state (books, open orders) is too old to pick up again, and a Failed run in Prefect says
+more to an operator than a loop silently waiting; its restart starts from Redis's state.
 """
 
 from __future__ import annotations
@@ -19,16 +36,20 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import Enum
 from typing import Any, NoReturn
 
 import orjson
 import redis.asyncio
 
 from trading.clock import now_ms
+from trading.redis_conn import CommandGate
 
 log = logging.getLogger(__name__)
 
 LEASE_KEY_PREFIX = "lease:"
+REDIS_AWAY_LIMIT_S = 300.0  # a loop paused this long without re-acquiring its lease stops (LeaseLostError)
+_REDIS_DOWN = (redis.RedisError, OSError)  # TimeoutError is an OSError
 
 # Returns the fencing token on success, or {current value, its PTTL} when someone holds it.
 _ACQUIRE_LUA = """
@@ -37,18 +58,29 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
 """
-# 1: extended. 2: the key had vanished (Redis restarted without persistence, or it expired
-# with nobody taking it) and is ours again. 0: someone else holds it.
+# 1: extended. 2: the key is gone (it expired, or Redis lost it): re-acquire. 0: someone else holds it.
 _RENEW_LUA = """
 local current = redis.call('GET', KEYS[1])
 if current == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
-if not current and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return 2
-end
+if not current then return 2 end
 return 0
+"""
+# ARGV: our value, the new value, TTL, our fencing token. The new fencing token; or {'held', value, PTTL}
+# when another holder has the key; or {'fenced', counter} when another instance acquired it since we did.
+_REACQUIRE_LUA = """
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then
+  return {'held', current, redis.call('PTTL', KEYS[1])}
+end
+local ours = tonumber(ARGV[4])
+local counter = tonumber(redis.call('GET', KEYS[2]) or '0')
+if counter > ours then return {'fenced', tostring(counter)} end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SET', KEYS[2], ours + 1)
+return ours + 1
 """
 _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -86,7 +118,13 @@ class LeaseHeldError(RuntimeError):
 
 
 class LeaseLostError(RuntimeError):
-    """The holder could not renew its lease in time: another instance may now hold it."""
+    """Another instance holds (or held) the lease, or Redis stayed away too long to take it back."""
+
+
+class Renewal(Enum):
+    EXTENDED = 1
+    GONE = 2  # the key expired or Redis lost it: nobody holds it now, maybe someone did meanwhile
+    TAKEN = 0  # another holder has it
 
 
 def _holder_from_value(value: Any) -> LeaseHolder | None:
@@ -109,10 +147,19 @@ class RedisLease:
         self._fencing_key = self._key + ":fencing"
         self._acquire = client.register_script(_ACQUIRE_LUA)
         self._renew = client.register_script(_RENEW_LUA)
+        self._reacquire = client.register_script(_REACQUIRE_LUA)
         self._release = client.register_script(_RELEASE_LUA)
         self._client = client
         self._value: str | None = None  # what we stored: token + holder info, compared on renew/release
         self.lease: Lease | None = None
+        self.latest: Lease | None = None  # the last acquisition, kept after release (its fencing token)
+        self.confirmed_at = 0.0  # time.monotonic() at the start of the last call that found the lease ours
+        self.pauses: list[float] = []  # seconds each pause lasted, from the failed renewal to the re-acquisition
+
+    @property
+    def held_for_s(self) -> float:
+        """How long after a confirmation the lease counts as held without another (see the module docstring)."""
+        return self.ttl_ms / 3000
 
     async def try_acquire(self) -> Lease | None:
         """The lease if it was free, else None."""
@@ -130,14 +177,19 @@ class RedisLease:
                 return lease
             await asyncio.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
 
-    async def _attempt(self, *, raise_held: bool) -> Lease | None:
-        if self.lease is not None:
-            raise RuntimeError(f"lease {self.name!r} is already held by this instance")
+    def _new_value(self) -> tuple[str, LeaseHolder]:
         holder = LeaseHolder(host=socket.gethostname(), pid=os.getpid(), started_ms=now_ms())
         value = orjson.dumps({"token": secrets.token_hex(16), "host": holder.host, "pid": holder.pid,
                               "started_ms": holder.started_ms}).decode()
+        return value, holder
+
+    async def _attempt(self, *, raise_held: bool) -> Lease | None:
+        if self.lease is not None:
+            raise RuntimeError(f"lease {self.name!r} is already held by this instance")
+        value, holder = self._new_value()
         # Kept before the call: cancelled after Redis ran the script, `release()` can still delete the key.
         self._value = value
+        attempt_at = time.monotonic()
         result = await self._acquire(keys=[self._key, self._fencing_key], args=[value, self.ttl_ms])
         if isinstance(result, list):
             self._value = None
@@ -145,7 +197,8 @@ class RedisLease:
                 current, ttl_ms = result
                 raise LeaseHeldError(self.name, _holder_from_value(current) if current else None, int(ttl_ms))
             return None
-        self.lease = Lease(name=self.name, fencing_token=int(result), holder=holder)
+        self.confirmed_at = attempt_at
+        self.lease = self.latest = Lease(name=self.name, fencing_token=int(result), holder=holder)
         return self.lease
 
     async def holder(self) -> LeaseHolder | None:
@@ -153,20 +206,40 @@ class RedisLease:
         value = await self._client.get(self._key)
         return _holder_from_value(value) if value is not None else None
 
-    async def renew(self) -> bool:
-        """Extend the TTL; False when someone else holds the lease (or we released it).
-
-        A lease key that vanished while nobody else took it (a Redis restart without persistence)
-        is taken back: no other holder exists at that moment, so the loop may go on.
-        """
+    async def renew(self) -> Renewal:
+        """Extend the TTL if the key still holds our token. `TAKEN` forgets the lease (another holder has it);
+        after `GONE` only `reacquire()` can tell whether anyone held it meanwhile."""
         if self._value is None:
-            return False
-        outcome = int(await self._renew(keys=[self._key], args=[self._value, self.ttl_ms]))
-        if outcome == 0:
+            return Renewal.TAKEN
+        attempt_at = time.monotonic()
+        outcome = Renewal(int(await self._renew(keys=[self._key], args=[self._value, self.ttl_ms])))
+        if outcome is Renewal.EXTENDED:
+            self.confirmed_at = attempt_at
+        elif outcome is Renewal.TAKEN:
             self._forget()
-        elif outcome == 2:
-            log.warning("lease %r had vanished (Redis restarted or lost data?) and was taken back", self.name)
-        return outcome != 0
+        return outcome
+
+    async def reacquire(self) -> Lease:
+        """Hold the lease again under a new fencing token, if nobody else acquired it since we did;
+        else forget it and raise `LeaseLostError`."""
+        if self._value is None or self.latest is None:
+            raise LeaseLostError(f"lease {self.name!r} is not held by this instance")
+        value, holder = self._new_value()
+        attempt_at = time.monotonic()
+        result = await self._reacquire(keys=[self._key, self._fencing_key],
+                                       args=[self._value, value, self.ttl_ms, self.latest.fencing_token])
+        if isinstance(result, list):
+            self._forget()
+            if str(result[0]) == "held":
+                other = _holder_from_value(result[1])
+                who = other.describe() if other else "an unknown holder"
+                raise LeaseLostError(f"lease {self.name!r} is held by {who}: another instance took it")
+            raise LeaseLostError(f"lease {self.name!r} was acquired by another instance meanwhile (fencing token "
+                                 f"{result[1]} > ours, {self.latest.fencing_token})")
+        self._value = value
+        self.confirmed_at = attempt_at
+        self.lease = self.latest = Lease(name=self.name, fencing_token=int(result), holder=holder)
+        return self.lease
 
     async def release(self) -> bool:
         """Delete the lease if it is still ours; False when it was not."""
@@ -181,27 +254,58 @@ class RedisLease:
         self._value = None
         self.lease = None
 
-    async def keep_renewed(self, *, every_s: float | None = None) -> NoReturn:
-        """Renew every `every_s` (default a third of the TTL) until cancelled.
+    async def keep_renewed(self, *, gate: CommandGate | None = None, every_s: float | None = None,
+                           give_up_s: float = REDIS_AWAY_LIMIT_S) -> NoReturn:
+        """Renew every `every_s` (default `ttl/15`) until cancelled, keeping `gate` open while the lease is held.
 
-        Raises `LeaseLostError` when a renewal says the lease is gone, or when Redis errors
-        kept it from being renewed for a whole TTL (it may have expired and been taken).
+        A renewal that fails (Redis error, no answer within `ttl/5`) or finds the key gone shuts the gate
+        and re-acquires the lease as soon as Redis answers (`reacquire()`, a new fencing token), then
+        opens the gate again. Raises `LeaseLostError` when another holder has or had the lease, or when
+        it could not be re-acquired for `give_up_s`.
         """
-        interval = every_s if every_s is not None else self.ttl_ms / 3000
-        expires_at = time.monotonic() + self.ttl_ms / 1000
+        interval = every_s if every_s is not None else self.ttl_ms / 15_000
+        attempt_s = self.ttl_ms / 5000
+        self._open(gate)
         while True:
             await asyncio.sleep(interval)
-            attempt_at = time.monotonic()
             try:
-                # Client retries must not carry a renewal past the moment the lease may expire.
-                async with asyncio.timeout(max(0.0, expires_at - attempt_at)):
-                    still_ours = await self.renew()
-            except (redis.RedisError, OSError, TimeoutError) as exc:
-                if time.monotonic() >= expires_at:
-                    self._forget()
-                    raise LeaseLostError(f"lease {self.name!r}: not renewed for {self.ttl_ms} ms "
-                                         f"({type(exc).__name__}: {exc})") from exc
+                async with asyncio.timeout(attempt_s):
+                    outcome = await self.renew()
+                failure = "the lease key is gone (expired, or Redis lost it)"
+            except _REDIS_DOWN as exc:
+                outcome, failure = None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if outcome is Renewal.EXTENDED:
+                self._open(gate)
                 continue
-            if not still_ours:
-                raise LeaseLostError(f"lease {self.name!r} was lost: it expired or another holder took it")
-            expires_at = attempt_at + self.ttl_ms / 1000
+            if outcome is Renewal.TAKEN:
+                raise LeaseLostError(f"lease {self.name!r} was lost: it expired and another holder took it")
+            await self._pause_and_reacquire(gate, failure, interval=interval, attempt_s=attempt_s,
+                                            give_up_s=give_up_s)
+
+    async def _pause_and_reacquire(self, gate: CommandGate | None, failure: str, *, interval: float,
+                                   attempt_s: float, give_up_s: float) -> None:
+        if gate is not None:
+            gate.close()
+        paused_at = time.monotonic()
+        before = self.latest.fencing_token if self.latest else 0
+        log.warning("lease %r not renewed (%s): the loop pauses until it is re-acquired", self.name, failure)
+        while True:
+            try:
+                async with asyncio.timeout(attempt_s):
+                    held = await self.reacquire()
+                break
+            except _REDIS_DOWN as exc:
+                if time.monotonic() - paused_at >= give_up_s:
+                    self._forget()
+                    raise LeaseLostError(f"lease {self.name!r}: not re-acquired within {give_up_s:.0f} s "
+                                         f"({type(exc).__name__}: {exc})") from exc
+            await asyncio.sleep(interval)
+        paused_s = time.monotonic() - paused_at
+        self.pauses.append(paused_s)
+        log.warning("lease %r re-acquired after a %.1f s pause (fencing token %d -> %d); the loop goes on",
+                    self.name, paused_s, before, held.fencing_token)
+        self._open(gate)
+
+    def _open(self, gate: CommandGate | None) -> None:
+        if gate is not None:
+            gate.open_until(self.confirmed_at + self.held_for_s)

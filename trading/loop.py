@@ -5,6 +5,15 @@ losing the lease, or any coroutine failing, stops them all and the error is re-r
 so the flow run fails with the one cause. `duration_s` ends a bounded segment cleanly (tests,
 demos, the restart chain of design §6).
 
+The lease is renewed on its own connections (trading/lease.py, `keep_renewed`), and the loop's
+Redis client is gated by it (`redis_conn.CommandGate`): while the lease is not known held, every
+command of the loop waits before it is sent, so the loop neither writes nor reads, and sends no
+order (a live send is claimed in Redis first). When Redis was away (restarted, unreachable) the
+loop pauses, re-acquires the lease with a new fencing token once Redis answers, and goes on where
+it waited; nothing is cancelled, an entry being processed commits after the pause. It stops with
+`LeaseLostError` only when another instance holds or held the lease meanwhile, or when Redis
+stayed away `REDIS_AWAY_LIMIT_S` (5 min). docs/runbooks.md, "Redis restarts".
+
 Stopping (an operator's cancel in the Prefect UI, which cancels the flow's task): the cancel is
 passed to every coroutine, and one still running `RECANCEL_S` later (its own cleanup on cancel
 must fit in that) is cancelled again, until all have ended. So a cancel lost inside a library
@@ -23,12 +32,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+import math
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import redis.asyncio
 
 from trading.lease import Lease, RedisLease
+from trading.redis_conn import command_gate, dedicated_client
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +56,38 @@ class LoopStopError(RuntimeError):
 
 async def run_guarded(name: str, client: redis.asyncio.Redis, work: Work, *, duration_s: float | None = None,
                       lease_wait_s: float = 0.0, lease_ttl_ms: int = 15_000) -> Lease:
-    """Run `work(lease)`'s coroutines under the lease until `duration_s` passes; returns the lease held."""
+    """Run `work(lease)`'s coroutines under the lease until `duration_s` passes; returns the lease held last
+    (its fencing token is newer than the first one's when the lease was re-acquired after a Redis outage).
+
+    `client` must come from `redis_conn.async_client`: its gate is what pauses the loop."""
     honour_lost_cancel()
-    lease = RedisLease(client, name, ttl_ms=lease_ttl_ms)
+    gate = command_gate(client)
+    if gate is None:
+        raise TypeError("run_guarded needs a client from trading.redis_conn.async_client (its commands are gated)")
+    async with lease_client(client, lease_ttl_ms) as own:
+        lease = RedisLease(own, name, ttl_ms=lease_ttl_ms)
+        try:
+            held = await lease.acquire(wait_s=lease_wait_s)
+            log.info("%s: lease acquired (fencing token %d)", name, held.fencing_token)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(duration_s):
+                    await run_together([lease.keep_renewed(gate=gate), *work(held)])
+        finally:
+            await release(lease)
+            gate.open_until(math.inf)  # the loop's own cleanup after this runs as it always did
+        return lease.latest or held
+
+
+@contextlib.asynccontextmanager
+async def lease_client(client: redis.asyncio.Redis, ttl_ms: int) -> AsyncIterator[redis.asyncio.Redis]:
+    """The lease's own connections to the loop's server, every call bounded well inside the TTL."""
+    own = dedicated_client(client, socket_timeout=min(ttl_ms / 5000, 3.0))
     try:
-        held = await lease.acquire(wait_s=lease_wait_s)
-        log.info("%s: lease acquired (fencing token %d)", name, held.fencing_token)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(duration_s):
-                await run_together([lease.keep_renewed(), *work(held)])
+        yield own
     finally:
-        await release(lease)
-    return held
+        with contextlib.suppress(redis.RedisError, OSError):
+            async with asyncio.timeout(LEASE_RELEASE_S):
+                await own.aclose()
 
 
 async def release(lease: RedisLease) -> None:

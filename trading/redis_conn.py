@@ -8,6 +8,15 @@ Async clients never lose a cancellation: redis-py bounds every socket write with
 normally when it is cancelled after the write finished but before its caller resumed (CPython
 gh-86296, fixed in 3.12). A loop cancelled at that moment ran on as if nothing had happened. The
 connections made here bound the write with `asyncio.timeout`, which re-raises an outside cancel.
+
+Every call is bounded: `async_client` reads with `SOCKET_TIMEOUT_S` (a frozen or vanished server
+costs a `TimeoutError`, never a hang). Each async client has a `CommandGate`, open unless a loop
+closes it: while closed, the client's commands wait before they are written (`trading/loop.py`
+closes it while its lease is not known to be held, so the loop neither reads nor writes then).
+After a closed gate opens again every connection reconnects before its next command: the server
+may have restarted meanwhile, and a stale socket would fail the first command on it. So a gated
+client must not hold state on a connection across commands (WATCH, SUBSCRIBE); the loops do not.
+`dedicated_client` gives the lease its own connections, never gated nor queued behind the loop's.
 """
 
 from __future__ import annotations
@@ -15,21 +24,28 @@ from __future__ import annotations
 import asyncio
 import atexit
 import importlib.util
+import math
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from trading.config import Settings
 from trading.processes import free_port, stop_process
+
+SOCKET_TIMEOUT_S = 5.0  # longer than any blocking read of the loops (500 ms); see trading/lease.py
 
 
 class RedisUnavailableError(RuntimeError):
@@ -69,6 +85,7 @@ class EmbeddedRedis:
 
     def start(self, timeout_s: float = 10.0) -> None:
         persist = [] if self._owned_dir else ["--appendonly", "yes"]
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self._process = subprocess.Popen(
             [_redis_server_binary(), "--bind", "127.0.0.1", "--port", str(self.port),
              "--dir", str(self.data_dir), "--save", "", "--protected-mode", "yes", *persist],
@@ -89,6 +106,14 @@ class EmbeddedRedis:
                     time.sleep(0.05)
         finally:
             client.close()
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: nothing flushed beyond what its AOF already holds); `start()` brings
+        it back on the same port with the same data."""
+        process, self._process = self._process, None
+        if process is not None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
 
     def stop(self) -> None:
         process, self._process = self._process, None
@@ -117,10 +142,51 @@ def sync_client(url: str, *, decode_responses: bool = True) -> redis.Redis:
                                 socket_connect_timeout=5)
 
 
+class CommandGate:
+    """Open until `close()`, or until the moment given to `open_until()` passes; commands wait while it is shut."""
+
+    def __init__(self) -> None:
+        self._open = asyncio.Event()
+        self._open.set()
+        self._until = math.inf
+        self.closings = 0  # how often it shut; a connection that saw fewer reconnects
+
+    def open_until(self, deadline: float) -> None:
+        """Open until `deadline` (time.monotonic()); math.inf: until closed."""
+        self._until = deadline
+        self._open.set()
+
+    def close(self) -> None:
+        if self._open.is_set():
+            self.closings += 1
+            self._open.clear()
+
+    def is_open(self) -> bool:
+        if self._open.is_set() and time.monotonic() >= self._until:
+            self.close()  # nobody extended it in time: whoever should have is late or stuck
+        return self._open.is_set()
+
+    async def wait(self) -> None:
+        while not self.is_open():
+            await self._open.wait()
+
+
 class _CancellableWrite(AbstractConnection):
-    """redis-py's `send_packed_command` with the write bounded by `asyncio.timeout` instead of `wait_for`."""
+    """redis-py's `send_packed_command` with the write bounded by `asyncio.timeout` instead of `wait_for`,
+    and held while the client's `CommandGate` is shut."""
+
+    def __init__(self, *args: Any, command_gate: CommandGate | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._gate = command_gate
+        self._gate_closings = command_gate.closings if command_gate is not None else 0
 
     async def send_packed_command(self, command: bytes | str | Iterable[bytes], check_health: bool = True) -> None:
+        gate = self._gate
+        if gate is not None:
+            await gate.wait()
+            if gate.closings != self._gate_closings:  # the server may have restarted while it was shut
+                self._gate_closings = gate.closings
+                await self.disconnect(nowait=True)
         if not self.is_connected:
             await self.connect_check_health(check_health=False)
         if check_health:
@@ -162,12 +228,35 @@ _CANCELLABLE: dict[type[AbstractConnection], type[AbstractConnection]] = {
     Connection: _TcpConnection, SSLConnection: _SslConnection, UnixDomainSocketConnection: _UnixConnection}
 
 
-def async_client(url: str, *, decode_responses: bool = True) -> redis.asyncio.Redis:
+def async_client(url: str, *, decode_responses: bool = True,
+                 socket_timeout: float = SOCKET_TIMEOUT_S) -> redis.asyncio.Redis:
     client = redis.asyncio.Redis.from_url(url, decode_responses=decode_responses, health_check_interval=30,
-                                          socket_connect_timeout=5)
+                                          socket_connect_timeout=5, socket_timeout=socket_timeout)
     pool = client.connection_pool
     pool.connection_class = _CANCELLABLE[pool.connection_class]  # no connection exists yet: all are made so
+    pool.connection_kwargs["command_gate"] = CommandGate()
     return client
+
+
+def command_gate(client: redis.asyncio.Redis) -> CommandGate | None:
+    """The client's gate (None for a client not made by `async_client`)."""
+    return cast(CommandGate | None, client.connection_pool.connection_kwargs.get("command_gate"))
+
+
+def share_gate(client: redis.asyncio.Redis, gate: CommandGate) -> None:
+    """Make `client`'s connections obey `gate` too; only before its first command (connections keep theirs)."""
+    client.connection_pool.connection_kwargs["command_gate"] = gate
+
+
+def dedicated_client(client: redis.asyncio.Redis, *, socket_timeout: float) -> redis.asyncio.Redis:
+    """A client to the same server with connections of its own: no gate, no retries (the caller paces its
+    own), every call bounded by `socket_timeout` (connecting too)."""
+    pool = client.connection_pool
+    kwargs = {key: value for key, value in pool.connection_kwargs.items() if key != "command_gate"}
+    kwargs.update(socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, retry=Retry(NoBackoff(), 0))
+    connection_class = _CANCELLABLE.get(pool.connection_class, pool.connection_class)
+    return redis.asyncio.Redis(connection_pool=redis.asyncio.ConnectionPool(connection_class=connection_class,
+                                                                            max_connections=4, **kwargs))
 
 
 @asynccontextmanager

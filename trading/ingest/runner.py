@@ -2,7 +2,10 @@
 
 A channel is an `IngestHandler` (ticker24h, order book, candles). `run_ingest` owns everything
 around it:
-- a Redis lease (`lease:ingest:<name>`) so two instances never ingest the same channel;
+- a Redis lease (`lease:ingest:<name>`) so two instances never ingest the same channel; it gates
+  the runner's Redis clients as `trading.loop.run_guarded` does (a Redis restart pauses the
+  writes to Redis until the lease is re-acquired; the socket is read on into the lake until the
+  sink's high-water mark holds it);
 - the market selection and a universe watcher that subscribes/unsubscribes without a restart;
 - one `BitvavoWebSocket` whose events go straight to the handler (the hot path: no Prefect,
   no logging per message);
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +40,13 @@ from trading.gaps import GapKind, GapLedger, GapRecord
 from trading.ingest.markets import UniverseWatcher, select_markets
 from trading.lake import LakeWriter
 from trading.lease import RedisLease
-from trading.loop import release, run_together
+from trading.loop import lease_client, release, run_together
 from trading.metrics import IngestMetrics
-from trading.redis_conn import async_client
+from trading.redis_conn import async_client, command_gate, share_gate
 
 log = logging.getLogger(__name__)
+
+INGEST_LEASE_TTL_MS = 15_000
 
 
 class IngestSink:
@@ -248,77 +254,84 @@ async def run_ingest(handler: IngestHandler, settings: Settings, *, redis_url: s
                      flush_interval_s: float = 0.05, ws_silence_timeout_s: float = 30.0,
                      gauge_interval_s: float = 5.0) -> IngestSummary:
     client = async_client(redis_url)
-    lease = RedisLease(client, f"ingest:{handler.name}")
-    try:
-        held = await lease.acquire(wait_s=lease_wait_s)
-        log.info("ingest %s: lease acquired (fencing token %d)", handler.name, held.fencing_token)
-        selection = await select_markets(settings, client)
-        metrics = IngestMetrics()
-        publisher = StreamPublisher(redis_url, maxlen=settings.stream_maxlen)
-        sink = IngestSink(settings.parquet_dir, publisher)
-        ledger = GapLedger(settings.parquet_dir)
-        governor = shared_governor(budget_identity(settings.bitvavo_rest_url))  # ingest calls are unsigned
-        # Set before the first scrape: an unset headroom gauge reads 0 and would page RateLimitHeadroomLow.
-        metrics.rate_limit_remaining.set(governor.state().remaining)
-        endpoint = metrics.endpoint(settings.metrics_host, metrics_port).start()
-        ws = BitvavoWebSocket(settings.bitvavo_ws_url, on_event=handler.on_event, on_connect=handler.on_connect,
-                              on_disconnect=handler.on_disconnect, flow_control=sink.backpressure,
-                              governor=governor,
-                              silence_timeout_s=ws_silence_timeout_s,
-                              on_error_frame=lambda frame: log.warning("ingest %s: error frame %s", handler.name,
-                                                                       frame))
-        handler.attach(IngestContext(settings, ws, sink, ledger, metrics, governor))
-        await handler.set_markets(selection.markets, ())
-        watcher = UniverseWatcher(settings, client, selection)
-        log.info("ingest %s: %d markets from %s; metrics on %s", handler.name, len(selection.markets),
-                 selection.source, endpoint.url)
-
-        malformed_seen = 0
-
-        async def flush_forever() -> None:
-            nonlocal malformed_seen
-            while True:
-                await sink.wait_flush_due(flush_interval_s)
-                sink.flush()
-                if ws.stats.malformed_frames != malformed_seen:  # frames that were not even JSON objects
-                    metrics.parse_errors("frame").inc(ws.stats.malformed_frames - malformed_seen)
-                    malformed_seen = ws.stats.malformed_frames
-                metrics.redis_up.set(1 if publisher.redis_up else 0)
-                metrics.rate_limit_remaining.set(governor.state().remaining)
-                await handler.tick()
-
-        async def refresh_gauges_forever() -> None:
-            while True:
-                await asyncio.sleep(gauge_interval_s)
-                with contextlib.suppress(RedisError):  # Redis down: the publisher already reports it
-                    await refresh_gauges(client, sink, handler, metrics)
-
-        async def follow_universe() -> None:
-            while True:
-                await asyncio.sleep(universe_poll_s)
-                change = await watcher.poll()
-                if change:
-                    log.info("ingest %s: universe change +%s -%s", handler.name, list(change.added),
-                             list(change.removed))
-                    await handler.set_markets(change.added, change.removed)
-
+    gate = command_gate(client)
+    assert gate is not None  # made by async_client
+    async with lease_client(client, INGEST_LEASE_TTL_MS) as own:
+        lease = RedisLease(own, f"ingest:{handler.name}", ttl_ms=INGEST_LEASE_TTL_MS)
         try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(duration_s):
-                    await run_together([ws.run(), lease.keep_renewed(), flush_forever(), follow_universe(),
-                                        refresh_gauges_forever()])
-        finally:
-            await handler.close()
-            await ws.close()
+            held = await lease.acquire(wait_s=lease_wait_s)
+            log.info("ingest %s: lease acquired (fencing token %d)", handler.name, held.fencing_token)
+            selection = await select_markets(settings, client)
+            metrics = IngestMetrics()
+            publisher = StreamPublisher(redis_url, maxlen=settings.stream_maxlen)
+            # Its stream writes pause with the runner's (bus.py keeps the client private; nothing was sent on it yet).
+            share_gate(publisher._client, gate)
+            sink = IngestSink(settings.parquet_dir, publisher)
+            ledger = GapLedger(settings.parquet_dir)
+            governor = shared_governor(budget_identity(settings.bitvavo_rest_url))  # ingest calls are unsigned
+            # Set before the first scrape: an unset headroom gauge reads 0 and would page RateLimitHeadroomLow.
+            metrics.rate_limit_remaining.set(governor.state().remaining)
+            endpoint = metrics.endpoint(settings.metrics_host, metrics_port).start()
+            ws = BitvavoWebSocket(settings.bitvavo_ws_url, on_event=handler.on_event, on_connect=handler.on_connect,
+                                  on_disconnect=handler.on_disconnect, flow_control=sink.backpressure,
+                                  governor=governor,
+                                  silence_timeout_s=ws_silence_timeout_s,
+                                  on_error_frame=lambda frame: log.warning("ingest %s: error frame %s", handler.name,
+                                                                           frame))
+            handler.attach(IngestContext(settings, ws, sink, ledger, metrics, governor))
+            await handler.set_markets(selection.markets, ())
+            watcher = UniverseWatcher(settings, client, selection)
+            log.info("ingest %s: %d markets from %s; metrics on %s", handler.name, len(selection.markets),
+                     selection.source, endpoint.url)
+
+            malformed_seen = 0
+
+            async def flush_forever() -> None:
+                nonlocal malformed_seen
+                while True:
+                    await sink.wait_flush_due(flush_interval_s)
+                    sink.flush()
+                    if ws.stats.malformed_frames != malformed_seen:  # frames that were not even JSON objects
+                        metrics.parse_errors("frame").inc(ws.stats.malformed_frames - malformed_seen)
+                        malformed_seen = ws.stats.malformed_frames
+                    metrics.redis_up.set(1 if publisher.redis_up else 0)
+                    metrics.rate_limit_remaining.set(governor.state().remaining)
+                    await handler.tick()
+
+            async def refresh_gauges_forever() -> None:
+                while True:
+                    await asyncio.sleep(gauge_interval_s)
+                    with contextlib.suppress(RedisError):  # Redis down: the publisher already reports it
+                        await refresh_gauges(client, sink, handler, metrics)
+
+            async def follow_universe() -> None:
+                while True:
+                    await asyncio.sleep(universe_poll_s)
+                    change = await watcher.poll()
+                    if change:
+                        log.info("ingest %s: universe change +%s -%s", handler.name, list(change.added),
+                                 list(change.removed))
+                        await handler.set_markets(change.added, change.removed)
+
             try:
-                sink.close()  # the last rows: lake, then their stream entries
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(duration_s):
+                        await run_together([ws.run(), lease.keep_renewed(gate=gate), flush_forever(), follow_universe(),
+                                            refresh_gauges_forever()])
             finally:
-                ledger.close()
-                await publisher.aclose()
-                endpoint.stop()
-        return IngestSummary(handler.name, watcher.current.markets, watcher.current.source, sink.rows_written,
-                             publisher.stats.entries_written, publisher.stats.batches_failed, ws.stats.reconnects,
-                             ws.stats.malformed_frames, held.fencing_token, dict(handler.summary()))
-    finally:
-        await release(lease)
-        await client.aclose()
+                await handler.close()
+                await ws.close()
+                try:
+                    sink.close()  # the last rows: lake, then their stream entries
+                finally:
+                    ledger.close()
+                    await publisher.aclose()
+                    endpoint.stop()
+            return IngestSummary(handler.name, watcher.current.markets, watcher.current.source, sink.rows_written,
+                                 publisher.stats.entries_written, publisher.stats.batches_failed, ws.stats.reconnects,
+                                 ws.stats.malformed_frames, (lease.latest or held).fencing_token,
+                                 dict(handler.summary()))
+        finally:
+            await release(lease)
+            gate.open_until(math.inf)
+            await client.aclose()
