@@ -341,9 +341,10 @@ def _register_blocks(env: dict[str, str], redis_url: str, settings: Settings) ->
     for module in ("blocks.credentials", "blocks.lake", "prefect_redis"):
         _prefect(env, "block", "register", "-m", module)
     # Non-secret defaults: the lake settings and the Redis the stack uses.
+    # backup_dir and archive_dir stay unset: beside the lake (blocks/lake.py), one source of truth.
     _python(env, "-c", "import sys; from blocks.lake import LakeSettings; "
-            "LakeSettings(parquet_dir=sys.argv[1], backup_dir=sys.argv[2]).save('default', overwrite=True)",
-            str(settings.parquet_dir), str(VAR / "backups"))
+            "LakeSettings(parquet_dir=sys.argv[1]).save('default', overwrite=True)",
+            str(settings.parquet_dir))
     _python(env, "-c", "import sys; from prefect_redis import RedisDatabase; "
             "RedisDatabase.from_connection_string(sys.argv[1]).save('default', overwrite=True)", redis_url)
     if not settings.redis_url:  # the embedded Redis, whose users make up created

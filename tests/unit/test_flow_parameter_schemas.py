@@ -89,3 +89,13 @@ def test_operator_actions_require_who_and_why(entrypoint: str) -> None:
 def test_the_kill_switch_form_makes_the_operator_choose_on_or_off() -> None:
     schema = parameter_schema(FLOWS["flows/ops.py:kill_switch"].fn).model_dump_for_openapi()
     assert "enabled" in schema["required"] and "default" not in schema["properties"]["enabled"]
+
+
+def test_operator_deployments_force_a_choice_and_run_one_at_a_time() -> None:
+    deployments = {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+    assert "enabled" not in (deployments["kill-switch"].get("parameters") or {})  # the operator chooses
+    for name in ("kill-switch", "flatten", "go-live"):
+        assert deployments[name]["concurrency_limit"]["limit"] == 1, name
+    for deployment in deployments.values():
+        for trigger in deployment.get("triggers", []):
+            assert trigger.get("name") and trigger.get("description"), deployment["name"]
