@@ -34,6 +34,7 @@ from trading.signal_engine import run_signal_engine
 from trading.trading_core import run_trading_core
 
 LOOPS = ("ingest:ticker24h", "ingest:orderbook", "signal-engine", "trading-core", "executor", "pnl")
+ALL_LOOPS = (*LOOPS, "ops-metrics")  # every loop `running_stack` can run
 
 
 

@@ -3,6 +3,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -184,7 +185,7 @@ async def test_the_gate_shuts_by_itself_when_the_renewer_is_late(client: redis.a
         await lease.acquire()
         gate.open_until(lease.confirmed_at + lease.held_for_s)
         time.sleep(0.15)                       # the event loop was busy: nobody renewed
-        waiting = asyncio.create_task(client.ping())
+        waiting: asyncio.Future[Any] = asyncio.ensure_future(client.ping())
         await asyncio.sleep(0.1)
         assert not waiting.done()              # the command waits at the gate
         assert await lease.renew() is Renewal.EXTENDED
@@ -209,7 +210,8 @@ async def test_a_redis_restart_pauses_the_holder_and_it_reacquires_with_a_new_to
         server.kill()
         while gate.is_open():
             await asyncio.sleep(0.01)
-        write = asyncio.create_task(client.set("work", "during"))  # waits at the gate, not failing
+        # Waits at the gate, not failing.
+        write: asyncio.Future[Any] = asyncio.ensure_future(client.set("work", "during"))
         await asyncio.sleep(0.5)
         assert not write.done()
         server.start()
