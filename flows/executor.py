@@ -64,7 +64,8 @@ async def executor(duration_s: float | None = None, metrics_port: int = DEFAULT_
         paper_taker_fee: paper only: taker fee as a fraction (0.0025 = 0.25 %).
     """
     logger = get_run_logger()
-    settings = await load_settings()  # env, with the credentials block over it; a bad variable fails here
+    # env, with the credentials block over it (a bad variable fails here), Redis as the executor's user
+    settings = await load_settings(redis_role="executor")
     with redis_url(settings) as url:
         client = async_client(url)
         try:

@@ -12,6 +12,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from blocks.runtime import with_redis_user
 from trading.config import Settings
 from trading.ingest.candles import CandlesIngest
 from trading.ingest.orderbook import OrderbookIngest
@@ -23,7 +24,8 @@ from trading.redis_conn import redis_url
 async def _run(handler: IngestHandler, *, duration_s: float | None, metrics_port: int, lease_wait_s: float,
                universe_poll_s: float) -> dict[str, Any]:
     logger = get_run_logger()
-    settings = Settings.from_env()  # a bad variable fails the run here, naming it
+    # A bad variable fails the run here, naming it; Redis as the ingest user when make up saved it.
+    settings = await with_redis_user(Settings.from_env(), "ingest")
     with redis_url(settings) as url:
         logger.info("ingest %s starting (duration %s, metrics port %d)", handler.name,
                     "unbounded" if duration_s is None else f"{duration_s}s", metrics_port)

@@ -29,7 +29,7 @@ async def kill_switch(enabled: bool, operator: str, reason: str) -> dict[str, An
     """
     require_operator(operator, reason)
     logger = get_run_logger()
-    settings = await load_settings()
+    settings = await load_settings(redis_role="kill-switch")
     async with connected(settings) as client:
         change = await set_kill_switch(client, enabled=enabled, operator=operator, reason=reason)
     state = "ON — every new order is blocked" if enabled else "OFF — orders may flow (subject to the guards)"
@@ -67,7 +67,7 @@ async def flatten(operator: str, reason: str, close_positions: bool = False, mar
     if scope not in SCOPES:
         raise ValueError(f"scope must be ledger or account, got {scope!r}")
     logger = get_run_logger()
-    settings = await load_settings()
+    settings = await load_settings(redis_role="flatten")
     if settings.dry_run and scope == "account":
         raise ValueError("scope=account is for live flatten only: dry-run sells the paper ledger's positions")
     async with connected(settings) as client:

@@ -28,7 +28,7 @@ async def ops_metrics(duration_s: float | None = None, metrics_port: int = DEFAU
         interval_s: seconds between readings of Redis memory and the lake's disk space.
     """
     logger = get_run_logger()
-    settings = await load_settings()  # a bad variable fails the run here, naming it
+    settings = await load_settings(redis_role="ops-metrics")  # a bad variable fails the run here, naming it
     with redis_url(settings) as url:
         logger.info("ops-metrics starting (duration %s, metrics port %d, readings every %ss)",
                     "unbounded" if duration_s is None else f"{duration_s}s", metrics_port, interval_s)

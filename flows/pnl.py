@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from blocks.runtime import with_redis_user
 from trading.config import Settings
 from trading.pnl_orchestrator import DEFAULT_METRICS_PORT, run_pnl
 from trading.redis_conn import redis_url
@@ -31,7 +32,8 @@ async def pnl_orchestrator(duration_s: float | None = None, metrics_port: int = 
         snapshot_every_s: seconds between PnL snapshots written to the lake (`pnl/`); one more at stop.
     """
     logger = get_run_logger()
-    settings = Settings.from_env()  # a bad variable fails the run here, naming it
+    # A bad variable fails the run here, naming it; Redis as this loop's user when make up saved it.
+    settings = await with_redis_user(Settings.from_env(), "pnl")
     with redis_url(settings) as url:
         logger.info("pnl-orchestrator starting (duration %s, metrics port %d, lake snapshots every %ss)",
                     "unbounded" if duration_s is None else f"{duration_s}s", metrics_port, snapshot_every_s)

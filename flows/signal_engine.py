@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from blocks.runtime import with_redis_user
 from trading.config import Settings
 from trading.redis_conn import redis_url
 from trading.signal_engine import DEFAULT_METRICS_PORT, run_signal_engine
@@ -49,7 +50,8 @@ async def signal_engine(duration_s: float | None = None, metrics_port: int = DEF
         strategy_options: free-form settings passed to a custom strategy.
     """
     logger = get_run_logger()
-    settings = Settings.from_env()  # a bad variable fails the run here, naming it
+    # A bad variable fails the run here, naming it; Redis as this loop's user when make up saved it.
+    settings = await with_redis_user(Settings.from_env(), "signal-engine")
     params = SignalParams.from_settings(settings, max_spread_bps=max_spread_bps,
                                         min_volatility_bps=min_volatility_bps, window=window,
                                         min_interval_ms=min_interval_ms, max_book_age_ms=max_book_age_ms,

@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from blocks.runtime import with_redis_user
 from trading.config import Settings
 from trading.redis_conn import redis_url
 from trading.risk import Limits
@@ -53,7 +54,8 @@ async def trading_core(duration_s: float | None = None, metrics_port: int = DEFA
             empty: MARKET_COOLDOWN_MS.
     """
     logger = get_run_logger()
-    settings = Settings.from_env()  # a bad variable fails the run here, naming it
+    # A bad variable fails the run here, naming it; Redis as this loop's user when make up saved it.
+    settings = await with_redis_user(Settings.from_env(), "trading-core")
     limits = Limits.from_settings(settings, {
         "max_notional_per_order": max_notional_per_order_eur, "max_exposure_per_market": max_exposure_per_market_eur,
         "max_exposure_total": max_exposure_total_eur, "max_open_intents": max_open_intents,
