@@ -23,7 +23,9 @@ token (a counter lost with Redis's data continues from it, so tokens never go ba
 another holder, or a counter that moved, raises `LeaseLostError`: the other instance acted, so
 this one stops. Redis unreachable for `REDIS_AWAY_LIMIT_S` (5 min) raises it too: past that the
 loop's state (books, open orders) is too old to pick up again, and a Failed run in Prefect says
-more to an operator than a loop silently waiting; its restart starts from Redis's state.
+more to an operator than a loop silently waiting; its restart starts from Redis's state. A loop
+starting while Redis is away waits for it the same way (`acquire()` retries with the same value,
+so a call that ran but lost its reply still counts as this holder's).
 """
 
 from __future__ import annotations
@@ -52,11 +54,14 @@ REDIS_AWAY_LIMIT_S = 300.0  # a loop paused this long without re-acquiring its l
 _REDIS_DOWN = (redis.RedisError, OSError)  # TimeoutError is an OSError
 
 # Returns the fencing token on success, or {current value, its PTTL} when someone holds it.
+# A retry whose first call ran but lost its reply finds its own value: the counter is still its token.
 _ACQUIRE_LUA = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('INCR', KEYS[2])
 end
-return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then return tonumber(redis.call('GET', KEYS[2])) end
+return {current, redis.call('PTTL', KEYS[1])}
 """
 # 1: extended. 2: the key is gone (it expired, or Redis lost it): re-acquire. 0: someone else holds it.
 _RENEW_LUA = """
@@ -151,6 +156,7 @@ class RedisLease:
         self._release = client.register_script(_RELEASE_LUA)
         self._client = client
         self._value: str | None = None  # what we stored: token + holder info, compared on renew/release
+        self._pending: tuple[str, LeaseHolder] | None = None  # the value of the last acquisition attempt
         self.lease: Lease | None = None
         self.latest: Lease | None = None  # the last acquisition, kept after release (its fencing token)
         self.confirmed_at = 0.0  # time.monotonic() at the start of the last call that found the lease ours
@@ -165,16 +171,29 @@ class RedisLease:
         """The lease if it was free, else None."""
         return await self._attempt(raise_held=False)
 
-    async def acquire(self, *, wait_s: float = 0.0, poll_s: float = 0.25) -> Lease:
-        """The lease, waiting up to `wait_s` for the holder to let go; else `LeaseHeldError` naming it."""
+    async def acquire(self, *, wait_s: float = 0.0, poll_s: float = 0.25,
+                      give_up_s: float = REDIS_AWAY_LIMIT_S) -> Lease:
+        """The lease, waiting up to `wait_s` for the holder to let go; else `LeaseHeldError` naming it.
+        Redis errors are retried (same value, so a call that ran but lost its reply counts) for `give_up_s`."""
         deadline = time.monotonic() + wait_s
+        pending: tuple[str, LeaseHolder] | None = None
+        away_since: float | None = None
         while True:
-            if time.monotonic() >= deadline:
-                lease = await self._attempt(raise_held=True)
-            else:
-                lease = await self._attempt(raise_held=False)
+            try:
+                lease = await self._attempt(raise_held=time.monotonic() >= deadline, pending=pending)
+            except _REDIS_DOWN as exc:
+                pending = self._pending
+                away_since = away_since if away_since is not None else time.monotonic()
+                if time.monotonic() - away_since >= give_up_s:
+                    raise
+                log.warning("lease %r: Redis unavailable while acquiring (%s: %s); retrying", self.name,
+                            type(exc).__name__, exc)
+                await asyncio.sleep(poll_s)
+                continue
+            away_since = None
             if lease is not None:
                 return lease
+            pending = None
             await asyncio.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
 
     def _new_value(self) -> tuple[str, LeaseHolder]:
@@ -183,10 +202,10 @@ class RedisLease:
                               "started_ms": holder.started_ms}).decode()
         return value, holder
 
-    async def _attempt(self, *, raise_held: bool) -> Lease | None:
+    async def _attempt(self, *, raise_held: bool, pending: tuple[str, LeaseHolder] | None = None) -> Lease | None:
         if self.lease is not None:
             raise RuntimeError(f"lease {self.name!r} is already held by this instance")
-        value, holder = self._new_value()
+        value, holder = self._pending = pending or self._new_value()
         # Kept before the call: cancelled after Redis ran the script, `release()` can still delete the key.
         self._value = value
         attempt_at = time.monotonic()

@@ -251,3 +251,19 @@ async def test_another_holder_found_after_an_outage_stops_the_loop(tmp_path: Pat
         await own.aclose()
         await client.aclose()
         server.stop()
+
+
+async def test_acquire_waits_for_redis_to_come_back(tmp_path: Path) -> None:
+    server = EmbeddedRedis(data_dir=tmp_path / "redis")
+    server.start()
+    client = async_client(server.url)
+    try:
+        server.kill()
+        acquiring = asyncio.create_task(RedisLease(client, "trading-core").acquire(poll_s=0.05))
+        await asyncio.sleep(0.5)
+        assert not acquiring.done()
+        server.start()
+        assert (await asyncio.wait_for(acquiring, timeout=5)).fencing_token == 1
+    finally:
+        await client.aclose()
+        server.stop()
