@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv tools up test lint unit bench clean
+.PHONY: venv tools up test lint unit bench chaos clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ unit: venv
 
 bench: venv
 	$(BIN)/python -m bench
+
+# The chaos run of `make test` (tests/integration/chaos.py), each fault phase CHAOS_PHASE_S long (default 60 s:
+# about 8 minutes); CHAOS_SEED replays a run.
+chaos: venv
+	CHAOS_PHASE_S=$${CHAOS_PHASE_S:-60} $(BIN)/pytest -q -s -p no:cacheprovider tests/integration/test_chaos.py
 
 # Refresh the lock after changing dependencies in pyproject.toml (then run `make test`).
 lock:
