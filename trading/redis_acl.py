@@ -157,7 +157,8 @@ def roles(signal_stream: str = DEFAULT_SIGNAL_STREAM) -> tuple[Role, ...]:
             Grant(("orders:live:sent:*",), ("exists", "set")),
             Grant((KEY_OPEN_INTENTS,), (*_HASH_READ, "hdel")),
             Grant((KEY_KILL, KEY_TRADING_STATE, FLATTEN_AUTH_PREFIX + "*"), ("get", "exists")),
-            Grant((*ledgers, KEY_GOLIVE), _HASH_READ),
+            # The ledgers (checks, flatten caps); the universe: flows/executor.py picks the paper venue's markets.
+            Grant((*ledgers, KEY_GOLIVE, KEY_UNIVERSE), _HASH_READ),
             # The live send script (trading/execution/live.py): its KEYS only; what it runs is checked above.
             Grant((KEY_INFLIGHT, "orders:live:sent:*", KEY_KILL, KEY_GOLIVE, KEY_PNL_LIVE), ("evalsha",)),
             _EVENTS_WRITE)),

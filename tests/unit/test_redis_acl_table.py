@@ -71,3 +71,10 @@ def test_setuser_args_reset_the_user_and_carry_no_plaintext_given_a_hash() -> No
     lines = setuser_lines()
     assert len(lines) == len(ROLES) and all(line.startswith("ACL SETUSER ") for line in lines)
     assert "><password:executor>" in lines[[s.name for s in roles()].index("executor")]
+
+
+def test_a_flow_reads_what_it_reads_before_its_loop_starts() -> None:
+    # flows/executor.py picks the paper venue's markets from the universe (found by make up's restart test).
+    assert ROLES["executor"].allows("hkeys", bus.KEY_UNIVERSE)
+    assert ROLES["ingest"].allows("hkeys", bus.KEY_UNIVERSE)
+    assert not ROLES["executor"].writes(bus.KEY_UNIVERSE)
