@@ -484,7 +484,7 @@ async def run_pnl(settings: Settings, *, redis_url: str, duration_s: float | Non
     try:
         held = await run_guarded(LOOP_NAME, client, work, duration_s=duration_s, lease_wait_s=lease_wait_s)
     except LeaseLostError:
-        lease_lost = True  # another instance may own trading:pnl now: write nothing more
+        lease_lost = True  # another instance may own the ledger hashes now: write nothing more
         raise
     finally:
         try:
