@@ -173,3 +173,31 @@ async def client(redis_db_url: str) -> AsyncIterator[redis.asyncio.Redis]:
         yield connection
     finally:
         await connection.aclose()
+
+
+@pytest.fixture
+async def live_client(redis_db_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    """The test's Redis with the go-live gate open (a fresh GO for an hour): live intents may be sent."""
+    from trading.clock import now_ms
+    from trading.golive import record_decision
+
+    connection = async_client(redis_db_url)
+    await record_decision(connection, decision="GO", operator="test", reason="test", decided_ms=now_ms(),
+                          valid_for_ms=3_600_000)
+    try:
+        yield connection
+    finally:
+        await connection.aclose()
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, log: Path | None = None) -> Any:
+    """Poll `predicate` every second until it returns something truthy (returned); else fail naming `what`
+    (with the tail of `log`, when given)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    tail = log.read_text()[-3000:] if log else ""
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{tail}")

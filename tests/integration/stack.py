@@ -18,6 +18,7 @@ from typing import Any
 import redis.asyncio
 
 from tests.integration.conftest import SimHandle
+from trading.bus import as_text
 from trading.config import Settings
 from trading.execution.executor import run_executor
 from trading.execution.paper import PaperVenue
@@ -132,3 +133,13 @@ async def stop_tasks(tasks: Mapping[str, asyncio.Task[Any]], *, grace_s: float =
             with contextlib.suppress(Exception):
                 task.result()  # consumed: a loop's own failure was already reported by the test's waits
     assert not ignored, f"loops still running {grace_s} s after a cancel: {sorted(pending[t] for t in ignored)}"
+
+
+async def caught_up(client: Any, stream: str, group: str) -> bool:
+    """The group was handed the stream's last entry and acknowledged everything (the stream may still grow)."""
+    last = await client.xrevrange(stream, count=1)
+    last_id = as_text(last[0][0]) if last else "0-0"
+    for info in await client.xinfo_groups(stream):
+        if as_text(info["name"]) == group:
+            return int(info["pending"]) == 0 and as_text(info["last-delivered-id"]) == last_id
+    return False

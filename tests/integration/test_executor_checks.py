@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 
@@ -32,11 +32,9 @@ from trading.exchange.rest import BitvavoRest
 from trading.execution.executor import run_executor
 from trading.execution.live import LiveVenue
 from trading.execution.paper import PaperVenue
-from trading.golive import record_decision
 from trading.matching import MarketRules
 from trading.orders import ExecutionReport, Intent
 from trading.processes import free_port
-from trading.redis_conn import async_client
 
 pytestmark = pytest.mark.integration
 
@@ -59,14 +57,9 @@ def rest(sim: SimHandle) -> Iterator[BitvavoRest]:
 
 
 @pytest.fixture
-async def client(redis_db_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    connection = async_client(redis_db_url)
-    await record_decision(connection, decision="GO", operator="test", reason="test", decided_ms=now_ms(),
-                          valid_for_ms=3_600_000)
-    try:
-        yield connection
-    finally:
-        await connection.aclose()
+def client(live_client: redis.asyncio.Redis) -> redis.asyncio.Redis:
+    """The test's Redis, with the go-live gate open (the venue re-checks it right before sending)."""
+    return live_client
 
 
 def _settings(sim: SimHandle, tmp_path: Path, *, dry_run: bool) -> Settings:

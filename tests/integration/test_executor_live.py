@@ -51,7 +51,6 @@ from trading.golive import record_decision
 from trading.lease import LEASE_KEY_PREFIX
 from trading.orders import ExecutionReport, Intent, OrderOutcomeUnknownError, intent_id_for
 from trading.processes import stop_process
-from trading.redis_conn import async_client
 
 pytestmark = pytest.mark.integration
 
@@ -93,15 +92,9 @@ def exchange(sim: SimHandle) -> Iterator[SimHandle]:
 
 
 @pytest.fixture
-async def client(redis_db_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+def client(live_client: redis.asyncio.Redis) -> redis.asyncio.Redis:
     """The test's Redis, with the go-live gate open (the venue re-checks it right before sending)."""
-    connection = async_client(redis_db_url)
-    await record_decision(connection, decision="GO", operator="test", reason="test", decided_ms=now_ms(),
-                          valid_for_ms=3_600_000)
-    try:
-        yield connection
-    finally:
-        await connection.aclose()
+    return live_client
 
 
 @pytest.fixture

@@ -41,14 +41,13 @@ import pytest
 import redis.asyncio
 
 from tests.integration.conftest import SimHandle
-from tests.integration.stack import stack_settings
+from tests.integration.stack import caught_up, stack_settings
 from trading.bus import (
     KEY_OPEN_INTENTS,
     ORDERS_EXECUTED,
     ORDERS_SHADOW,
     STREAM_BOOK,
     TRADING_EVENTS,
-    as_text,
     dead_letter_stream,
     encode_entry,
 )
@@ -292,12 +291,7 @@ async def _all_acked(client: redis.asyncio.Redis, stream: str, group: str, task:
     if task.done():
         task.result()
         raise AssertionError(f"{task.get_name()} ended before it was cancelled")
-    last = await client.xrevrange(stream, count=1)
-    last_id = as_text(last[0][0]) if last else "0-0"
-    for info in await client.xinfo_groups(stream):
-        if as_text(info["name"]) == group:
-            return int(info["pending"]) == 0 and as_text(info["last-delivered-id"]) == last_id
-    return False
+    return await caught_up(client, stream, group)
 
 
 async def check_exactly_once(loop: LoopUnderTest, client: redis.asyncio.Redis, fed: int) -> None:

@@ -22,7 +22,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymen
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.states import Cancelling
 
-from tests.integration.conftest import REPO_ROOT
+from tests.integration.conftest import REPO_ROOT, wait_until
 from trading.lease import LEASE_KEY_PREFIX
 from trading.processes import free_port, stop_process
 
@@ -122,14 +122,6 @@ def test_every_deployment_registers_and_the_scheduler_creates_runs(prefect_serve
         assert [a.name for a in client.read_automations()].count("crash-zombie-flow-runs") == 1
 
 
-def _wait_for(predicate: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def test_a_killed_loop_runs_again_within_two_minutes_and_a_cancelled_one_stays_stopped(
@@ -149,7 +141,7 @@ def test_a_killed_loop_runs_again_within_two_minutes_and_a_cancelled_one_stays_s
                 value = store.get(lease_key)
                 return int(yaml.safe_load(value)["pid"]) if value else None
 
-            first_pid = _wait_for(holder_pid, 90, "the pnl loop to hold its lease")
+            first_pid = wait_until(holder_pid, 90, "the pnl loop to hold its lease")
             killed_at = time.monotonic()
             os.kill(first_pid, signal.SIGKILL)  # the loop's process dies, as on an OOM kill
 
@@ -158,7 +150,7 @@ def test_a_killed_loop_runs_again_within_two_minutes_and_a_cancelled_one_stays_s
                 return pid if pid is not None and pid != first_pid else None
 
             try:
-                _wait_for(restarted, 120, "a new run of the loop")
+                wait_until(restarted, 120, "a new run of the loop")
             except AssertionError as exc:
                 states = [(r.name, r.state_type, r.state.message if r.state else "") for r in
                           _runs(client, deployment.id)]
@@ -167,10 +159,10 @@ def test_a_killed_loop_runs_again_within_two_minutes_and_a_cancelled_one_stays_s
             states = [r.state_type for r in _runs(client, deployment.id)]
             assert StateType.CRASHED in states
 
-            running = _wait_for(lambda: [r for r in _runs(client, deployment.id)
+            running = wait_until(lambda: [r for r in _runs(client, deployment.id)
                                          if r.state_type == StateType.RUNNING], 30, "the new run to be RUNNING")
             client.set_flow_run_state(running[0].id, Cancelling(message="operator stop (test)"))
-            _wait_for(lambda: client.read_flow_run(running[0].id).state_type == StateType.CANCELLED, 60,
+            wait_until(lambda: client.read_flow_run(running[0].id).state_type == StateType.CANCELLED, 60,
                       "the cancel")
             time.sleep(20)  # a trigger would have started a new run by now
             assert not [r for r in _runs(client, deployment.id)
@@ -195,7 +187,7 @@ def test_a_failed_loop_run_is_restarted_after_its_back_off_and_the_history_says_
         with _client(prefect_server) as client:
             deployment = client.read_deployment_by_name("pnl-orchestrator/pnl-orchestrator")
             failing = client.create_flow_run_from_deployment(deployment.id, parameters={"lease_wait_s": 0})
-            failed = _wait_for(lambda: (run := client.read_flow_run(failing.id)).state_type == StateType.FAILED
+            failed = wait_until(lambda: (run := client.read_flow_run(failing.id)).state_type == StateType.FAILED
                                and run, 120, "the run to fail on the held lease")
             assert "held by host=elsewhere" in (failed.state.message or ""), failed.state.message
 
@@ -203,7 +195,7 @@ def test_a_failed_loop_run_is_restarted_after_its_back_off_and_the_history_says_
                 later = [r for r in _runs(client, deployment.id) if r.created > failed.created]
                 return later[0] if later else None
 
-            restart = _wait_for(successor, 60, "the Failed trigger's run")
+            restart = wait_until(successor, 60, "the Failed trigger's run")
             assert restart.state_type == StateType.SCHEDULED
             assert restart.created_by is not None and restart.created_by.type == "AUTOMATION"
             assert restart.created_by.display_value == "pnl-orchestrator restarts 60 s after a Failed run"

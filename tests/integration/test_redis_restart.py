@@ -28,8 +28,8 @@ import pytest
 import redis.asyncio
 
 from tests.integration.conftest import SimHandle
-from tests.integration.stack import ALL_LOOPS, Stack, running_stack, stack_settings
-from trading.bus import KEY_OPEN_INTENTS, KEY_PNL_PAPER, ORDERS_EXECUTED, ORDERS_SHADOW, as_text
+from tests.integration.stack import ALL_LOOPS, Stack, caught_up, running_stack, stack_settings
+from trading.bus import KEY_OPEN_INTENTS, KEY_PNL_PAPER, ORDERS_EXECUTED, ORDERS_SHADOW
 from trading.clock import now_ms
 from trading.lease import LEASE_KEY_PREFIX
 from trading.orders import FINAL_STATUSES
@@ -70,16 +70,6 @@ async def fencing_tokens(client: Any) -> dict[str, int]:
 
 async def final_reports(client: Any) -> int:
     return sum(1 for _id, fields in await client.xrange(ORDERS_EXECUTED) if fields["status"] in FINAL_STATUSES)
-
-
-async def caught_up(client: Any, stream: str, group: str) -> bool:
-    """The group was handed the stream's last entry and acknowledged everything."""
-    last = await client.xrevrange(stream, count=1)
-    last_id = as_text(last[0][0]) if last else "0-0"
-    for info in await client.xinfo_groups(stream):
-        if as_text(info["name"]) == group:
-            return int(info["pending"]) == 0 and as_text(info["last-delivered-id"]) == last_id
-    return False
 
 
 async def test_every_loop_survives_two_redis_restarts_while_orders_flow(sim: SimHandle, tmp_path: Path) -> None:

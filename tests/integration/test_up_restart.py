@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import FlowRun, StateType
 
-from tests.integration.conftest import REPO_ROOT
+from tests.integration.conftest import REPO_ROOT, wait_until
 from trading.processes import free_port
 
 BIN = Path(sys.executable).parent
@@ -34,15 +33,6 @@ RUNNING_WITHIN_S = 180
 pytestmark = pytest.mark.timeout(720)  # three starts and two stops of the whole stack (~5 min on 2 cores)
 
 
-def _wait(predicate: Callable[[], Any], timeout_s: float, what: str, log: Path | None = None) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    tail = log.read_text()[-3000:] if log else ""
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{tail}")
 
 
 def _ours(var: Path) -> list[int]:
@@ -96,15 +86,15 @@ class Stack:
         with self.log.open("ab") as out:
             self.supervisor = subprocess.Popen([sys.executable, "-m", "deployments.up"], cwd=REPO_ROOT, env=self.env,
                                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        _wait(lambda: "running; Ctrl-C to stop" in self.log.read_text() or self.supervisor.poll() is not None,  # type: ignore[union-attr]
+        wait_until(lambda: "running; Ctrl-C to stop" in self.log.read_text() or self.supervisor.poll() is not None,  # type: ignore[union-attr]
               240, "make up to start", self.log)
         assert self.supervisor.poll() is None, self.log.read_text()[-3000:]
         with self.client() as client:
-            _wait(lambda: self.running_loops(client) == LOOPS, RUNNING_WITHIN_S, "every loop Running", self.log)
+            wait_until(lambda: self.running_loops(client) == LOOPS, RUNNING_WITHIN_S, "every loop Running", self.log)
         store = redis.Redis.from_url(self.redis_url)
         try:
             first = int(store.xlen("bitvavo:book"))
-            _wait(lambda: int(store.xlen("bitvavo:book")) > first, 60, "bitvavo:book to grow", self.log)
+            wait_until(lambda: int(store.xlen("bitvavo:book")) > first, 60, "bitvavo:book to grow", self.log)
         finally:
             store.close()
         return time.monotonic() - started
