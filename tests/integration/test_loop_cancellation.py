@@ -74,6 +74,7 @@ CYCLES_PER_LOOP = 20
 SCENARIOS = ("startup", "lease", "outage", "mid-batch")
 SETTLE_TIMEOUT_S = 60.0  # the final clean run acknowledges everything within this
 SIGNALS = "signals:baseline"
+WATCHDOG_S = 240.0  # the whole exercise (about 50 s here); below pytest's 300 s so that a hang shows its tasks
 
 
 @dataclass
@@ -366,6 +367,27 @@ async def exercise(loop: LoopUnderTest, rng: random.Random) -> None:
         await client.aclose()
 
 
+async def exercise_all(loops: list[LoopUnderTest], rngs: dict[str, random.Random]) -> None:
+    async with asyncio.TaskGroup() as group:
+        for loop in loops:
+            group.create_task(exercise(loop, rngs[loop.name]), name=loop.name)
+
+
+async def within_watchdog(work: Coroutine[Any, Any, None], limit_s: float) -> None:
+    """Run `work`; if it is not done within `limit_s`, fail showing where every task waits (pytest-timeout
+    would show only threads, and the event loop's thread is always in its selector)."""
+    task = asyncio.create_task(work, name="all loops")
+    done, _ = await asyncio.wait({task}, timeout=limit_s)
+    if done:
+        task.result()
+        return
+    stacks = "".join(f"{other.get_name()}:\n" + "".join(f"  {where}\n" for where in awaiting(other))
+                     for other in asyncio.all_tasks() if other is not asyncio.current_task())
+    task.cancel()
+    await asyncio.wait({task}, timeout=GRACE_S)
+    raise AssertionError(f"the loops' cancellations were not done within {limit_s} s; every task:\n{stacks}")
+
+
 async def test_every_loop_stops_within_its_grace_period_and_loses_nothing(sim: SimHandle, tmp_path: Path) -> None:
     seed = int(os.environ.get("LOOP_CANCEL_SEED") or random.SystemRandom().randrange(2**32))
     print(f"LOOP_CANCEL_SEED={seed}")
@@ -378,9 +400,7 @@ async def test_every_loop_stops_within_its_grace_period_and_loses_nothing(sim: S
         # Executor first: PnL's input is the executor's output, so it settles after the executor.
         rngs = {loop.name: random.Random(f"{seed}:{loop.name}") for loop in loops}
         started = time.monotonic()
-        async with asyncio.TaskGroup() as group:
-            for loop in loops:
-                group.create_task(exercise(loop, rngs[loop.name]), name=loop.name)
+        await within_watchdog(exercise_all(loops, rngs), WATCHDOG_S)
         for loop in loops:
             print(f"{loop.name}: {len(loop.stop_times)} stops, slowest {max(loop.stop_times):.2f} s, "
                   f"scenarios {dict(loop.scenarios)}")
