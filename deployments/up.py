@@ -25,6 +25,10 @@ the role table at every start; their passwords are generated once into var/secre
 (mode 0600) and saved in the `redis-<role>` RedisDatabase blocks. The default user stays open on
 127.0.0.1 for make up itself, the tests and flows not yet reading their role's block. With
 `REDIS_URL` set no user is created: docs/scale-out.md shows the same users on a managed Redis.
+
+Notifications: with `NOTIFY_URL` (an http(s) URL; checked before anything starts) the automations
+step saves the notification block and the `notify-*` automations; without it removes them
+(deployments/automations.py).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
 
@@ -407,6 +412,8 @@ def _start(settings: Settings, children: Children, env: dict[str, str]) -> None:
         _python(env, "-m", "deployments.automations", "--deployed", version)
         lines.append(f"deployed   every deployment in prefect.yaml ({version})")
     lines.append(f"           {automations}")
+    lines.append("notify     " + ("messages to NOTIFY_URL (block trading-notify), docs/runbooks.md#notifications"
+                                  if os.environ.get("NOTIFY_URL") else "off (NOTIFY_URL unset)"))
     lines.append(f"           {_python(env, '-m', 'deployments.loops', 'reconcile', WORKER_NAME)}")
     children.start("worker", [str(BIN / "prefect"), "worker", "start", "--pool", "local", "--name", WORKER_NAME,
                               "--limit", str(WORKER_LIMIT)], env, VAR / "log" / "prefect-worker.log")
@@ -423,6 +430,11 @@ def main() -> int:
         settings = Settings.from_env()
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return 2
+    notify = urlsplit(os.environ.get("NOTIFY_URL") or "http://unset")
+    if notify.scheme not in ("http", "https") or not notify.hostname:
+        print("NOTIFY_URL must be an http(s) URL (a Slack or Teams incoming webhook, or any JSON receiver)",
+              file=sys.stderr)
         return 2
     (VAR / "run").mkdir(parents=True, exist_ok=True)
     (VAR / "log").mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from trading.backoff import Backoff
 from trading.bus import as_text, dead_letter_stream, encode_entry
 from trading.clock import now_ms
+from trading.events import Severity, queue_event
 from trading.lake import LakeWriteError
 from trading.log_sampling import worth_logging
 from trading.metrics import LabelCache
@@ -268,13 +269,17 @@ class GroupConsumer:
             self._on_commit(entry)
 
     async def dead_letter(self, entry: StreamEntry, reason: str, *, cause: str) -> None:
-        """Move the entry to `<stream>:dead` (original fields kept verbatim) and ack it, atomically."""
+        """Move the entry to `<stream>:dead` (original fields kept verbatim) and ack it, atomically, with a
+        `dead_letter` event on `trading:events`."""
         record = encode_entry({"ts": now_ms(), "source_stream": entry.stream, "source_id": entry.entry_id,
                                "group": self.group, "reason": reason[:2000], "cause": cause,
                                "deliveries": entry.deliveries, "fields": entry.fields})
         async with self.client.pipeline(transaction=True) as tx:
             tx.xadd(self._dead_stream, record, maxlen=self._dead_maxlen, approximate=True)
             tx.xack(self.stream, self.group, entry.entry_id)
+            queue_event(tx, "dead_letter", Severity.WARNING, detail={  # the notices relay announces it
+                "stream": entry.stream, "group": self.group, "source_id": entry.entry_id, "cause": cause,
+                "reason": reason[:500]})
             await tx.execute()
         self.stats.dead_lettered += 1
         self.stats.dead_reasons[cause] = self.stats.dead_reasons.get(cause, 0) + 1

@@ -17,6 +17,7 @@ from typing import Any
 from redis.exceptions import WatchError
 
 from trading.bus import KEY_GOLIVE, KEY_KILL, as_text
+from trading.events import Severity, queue_event
 
 DECISION_GO = "GO"
 DECISION_NO_GO = "NO-GO"
@@ -68,7 +69,8 @@ async def latest_decided_ms(client: Any) -> str | None:
 
 async def record_decision(client: Any, *, decision: str, operator: str, reason: str, decided_ms: int,
                           valid_for_ms: int, record: str = "", unless_changed_since: str | None = None) -> None:
-    """Replace the latest decision (the go-live flow; a NO-GO preflight closes the gate with it).
+    """Replace the latest decision (the go-live flow; a NO-GO preflight closes the gate with it), with a
+    `go_live_decision` event on `trading:events` in the same transaction.
 
     With `unless_changed_since` (the `decided_ms` read before deciding, "" for none), a decision
     recorded meanwhile wins: `DecisionSupersededError`, nothing written. A GO never overwrites a
@@ -88,6 +90,8 @@ async def record_decision(client: Any, *, decision: str, operator: str, reason: 
             pipe.multi()
         pipe.delete(KEY_GOLIVE)
         pipe.hset(KEY_GOLIVE, mapping=fields)
+        queue_event(pipe, "go_live_decision", Severity.WARNING, ts=decided_ms, detail={
+            "decision": decision, "operator": operator, "reason": reason, "valid_until_ms": fields["valid_until_ms"]})
         try:
             await pipe.execute()
         except WatchError:

@@ -160,8 +160,8 @@ def _dead_letter(event: Mapping[str, Any]) -> tuple[Notice, Throttle | None] | N
     return Notice("dead-letter", "warning", f"Entries dead-lettered on {stream}",
                   f"Group {group} moved entry {detail.get('source_id', '?')} of {stream} to "
                   f"{stream}:dead ({detail.get('cause', '?')}): {detail.get('reason', '')}. Further ones on "
-                  f"{stream} within {QUIET_MS // 60_000} min are not announced; trader_*_dead_letters_total "
-                  f"counts them all. Runbook: {_runbook('dead-letters')}", _GROUP_DEPLOYMENTS.get(group, group),
+                  f"{stream} within {QUIET_MS // 60_000} min are not announced; the loop's *_dead_letters_total "
+                  f"metric counts them all. Runbook: {_runbook('dead-letters')}", _GROUP_DEPLOYMENTS.get(group, group),
                   _runbook("dead-letters"), ts=int(event["ts"])), (f"dead-letter:{stream}", QUIET_MS)
 
 

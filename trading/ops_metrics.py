@@ -2,8 +2,10 @@
 
 Redis memory (INFO memory) and the free space of the lake's file system are what the alert
 rules `RedisMemoryHigh`, `LakeDiskLow` and `LakeDiskFillingUp` read. It runs as its own small
-loop under the lease `ops-metrics` (one instance; it writes nothing) so that these alerts do not
-depend on any trading loop being up:
+loop under the lease `ops-metrics` (one instance) so that these alerts do not depend on any
+trading loop being up. Given a `publish` callback (the flow passes one that emits Prefect events),
+the same loop runs the notices relay (trading/notices.py): the few `trading:events` a person must
+hear about, published as they happen. Its only writes are the relay group's acknowledgements.
 
     python -m trading.ops_metrics            # until Ctrl-C; REDIS_URL, PARQUET_DIR, METRICS_HOST from env
 """
@@ -29,6 +31,7 @@ from trading.lease import Lease
 from trading.log_sampling import worth_logging
 from trading.loop import every, run_guarded
 from trading.metrics import LabelCache, MetricsEndpoint
+from trading.notices import NoticeMetrics, NoticeRelay, Publish
 from trading.redis_conn import async_client, memory_limit, redis_url
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,7 @@ DEFAULT_INTERVAL_S = 15.0
 
 
 class OpsMetrics:
-    """`trading_ops_*`: Redis memory and the lake's disk."""
+    """`trading_ops_*`: Redis memory, the lake's disk and the notices relay."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry or CollectorRegistry()
@@ -53,6 +56,7 @@ class OpsMetrics:
         self.lake_size = Gauge("trading_ops_lake_size_bytes", "Size of PARQUET_DIR's file system", registry=r)
         self.refresh_errors = LabelCache(Counter("trading_ops_refresh_errors", "Failed readings, by source",
                                                  ["source"], registry=r))
+        self.notices = NoticeMetrics(r)
 
 
 def existing_ancestor(path: Path) -> Path:
@@ -105,8 +109,9 @@ class OpsExporter:
 
 async def run_ops_exporter(settings: Settings, *, redis_url: str, duration_s: float | None = None,
                            metrics_port: int = DEFAULT_METRICS_PORT, interval_s: float = DEFAULT_INTERVAL_S,
-                           lease_wait_s: float = 0.0) -> str:
-    """Serve `trading_ops_*` for `duration_s` (None: until cancelled); returns the metrics URL it served."""
+                           lease_wait_s: float = 0.0, publish: Publish | None = None) -> str:
+    """Serve `trading_ops_*` for `duration_s` (None: until cancelled), and relay notices to `publish` when
+    given; returns the metrics URL it served."""
     if interval_s <= 0:
         raise ValueError(f"interval_s must be positive, got {interval_s}")
     metrics = OpsMetrics()
@@ -121,7 +126,10 @@ async def run_ops_exporter(settings: Settings, *, redis_url: str, duration_s: fl
         endpoint.start()  # only once the lease is ours: a second instance fails on the lease, not the port
         log.info("ops metrics: Redis memory and %s disk on %s every %ss", settings.parquet_dir, endpoint.url,
                  interval_s)
-        return [first_reading(), every(interval_s, exporter.refresh)]
+        coroutines = [first_reading(), every(interval_s, exporter.refresh)]
+        if publish is not None:
+            coroutines.append(NoticeRelay(client, publish, metrics.notices).run())
+        return coroutines
 
     try:
         await run_guarded(LOOP_NAME, client, work, duration_s=duration_s, lease_wait_s=lease_wait_s)

@@ -14,6 +14,7 @@ process is stopped by PID (SIGTERM, then SIGKILL) in `finally`.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import subprocess
 import sys
@@ -25,16 +26,20 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis.asyncio
 
-from trading.processes import stop_process
+from trading.processes import free_port, stop_process
 from trading.redis_conn import async_client
 from trading.sim.config import DEFAULT_API_KEY, DEFAULT_API_SECRET
 
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
 DEFAULT_SIM_MARKETS = "BTC-EUR,ETH-EUR,XRP-EUR,WMTX-EUR"
 STARTUP_TIMEOUT_S = 20.0
 
@@ -201,3 +206,49 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, log: P
         time.sleep(1)
     tail = log.read_text()[-3000:] if log else ""
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{tail}")
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real `prefect server start` (all services: scheduler, triggers, actions, unlike the harness) on a fresh
+    SQLite database, with prefect.yaml deployed and make up's automations; yields the env for clients."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", TRADING_APP_DIR=str(REPO_ROOT))
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, "prefect server exited"
+            try:
+                with urllib.request.urlopen(env["PREFECT_API_URL"] + "/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "prefect server did not become healthy"
+                time.sleep(0.5)
+        prefect_cli(env, "work-pool", "create", "local", "--type", "process", "--overwrite")
+        prefect_cli(env, "--no-prompt", "deploy", "--all")
+        subprocess.run([sys.executable, "-m", "deployments.automations"], env=env, cwd=REPO_ROOT, check=True,
+                       capture_output=True, timeout=120)
+        yield env
+    finally:
+        stop_process(server, timeout_s=15)
+        log.close()
+
+
+def prefect_cli(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def prefect_client(env: dict[str, str]) -> SyncPrefectClient:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        return get_client(sync_client=True)

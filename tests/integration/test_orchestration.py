@@ -9,71 +9,24 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 import yaml
-from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.states import Cancelling
 
-from tests.integration.conftest import REPO_ROOT, wait_until
+from tests.integration.conftest import REPO_ROOT, prefect_cli, prefect_client, wait_until
 from trading.lease import LEASE_KEY_PREFIX
-from trading.processes import free_port, stop_process
+from trading.processes import stop_process
 
 BIN = Path(sys.executable).parent
 DEPLOYMENTS = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
 LOOPS = [d["name"] for d in DEPLOYMENTS if "long-running" in d.get("tags", [])]
 OPS = ("kill-switch", "go-live", "flatten")
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A real `prefect server start` (all services) on a fresh SQLite database; yields the env for clients."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", TRADING_APP_DIR=str(REPO_ROOT))
-    log = (home / "server.log").open("w")
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, "prefect server exited"
-            try:
-                with urllib.request.urlopen(env["PREFECT_API_URL"] + "/health", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "prefect server did not become healthy"
-                time.sleep(0.5)
-        _cli(env, "work-pool", "create", "local", "--type", "process", "--overwrite")
-        _cli(env, "--no-prompt", "deploy", "--all")
-        subprocess.run([sys.executable, "-m", "deployments.automations"], env=env, cwd=REPO_ROOT, check=True,
-                       capture_output=True, timeout=120)
-        yield env
-    finally:
-        stop_process(server, timeout_s=15)
-        log.close()
-
-
-def _cli(env: dict[str, str], *args: str) -> str:
-    result = subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
-def _client(env: dict[str, str]) -> SyncPrefectClient:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
-        return get_client(sync_client=True)
 
 
 def _runs(client: SyncPrefectClient, deployment_id: Any) -> list[FlowRun]:
@@ -82,7 +35,7 @@ def _runs(client: SyncPrefectClient, deployment_id: Any) -> list[FlowRun]:
 
 
 def test_every_deployment_registers_and_the_scheduler_creates_runs(prefect_server: dict[str, str]) -> None:
-    with _client(prefect_server) as client:
+    with prefect_client(prefect_server) as client:
         registered = {d.name: d for d in client.read_deployments()}
         assert set(registered) == {d["name"] for d in DEPLOYMENTS}
         assert set(LOOPS) == {"ingest-ticker24h", "ingest-orderbook", "ingest-candles", "signal-engine",
@@ -114,10 +67,10 @@ def test_every_deployment_registers_and_the_scheduler_creates_runs(prefect_serve
         assert scheduled, "the scheduler created no run within 120 s"
 
     # Deploying again (a second `make up`) replaces, it does not duplicate.
-    _cli(prefect_server, "--no-prompt", "deploy", "--all")
+    prefect_cli(prefect_server, "--no-prompt", "deploy", "--all")
     subprocess.run([sys.executable, "-m", "deployments.automations"], env=prefect_server, cwd=REPO_ROOT, check=True,
                    capture_output=True, timeout=120)
-    with _client(prefect_server) as client:
+    with prefect_client(prefect_server) as client:
         assert len(client.read_deployments()) == len(DEPLOYMENTS)
         assert [a.name for a in client.read_automations()].count("crash-zombie-flow-runs") == 1
 
@@ -133,7 +86,7 @@ def test_a_killed_loop_runs_again_within_two_minutes_and_a_cancelled_one_stays_s
     lease_key = LEASE_KEY_PREFIX + "pnl"
     store = redis.Redis.from_url(redis_db_url, decode_responses=True)
     try:
-        with _client(prefect_server) as client:
+        with prefect_client(prefect_server) as client:
             deployment = client.read_deployment_by_name("pnl-orchestrator/pnl-orchestrator")
             client.create_flow_run_from_deployment(deployment.id)
 
@@ -184,7 +137,7 @@ def test_a_failed_loop_run_is_restarted_after_its_back_off_and_the_history_says_
     store = redis.Redis.from_url(redis_db_url, decode_responses=True)
     store.set(LEASE_KEY_PREFIX + "pnl", '{"host": "elsewhere", "pid": 1, "started_ms": 0}', px=300_000)
     try:
-        with _client(prefect_server) as client:
+        with prefect_client(prefect_server) as client:
             deployment = client.read_deployment_by_name("pnl-orchestrator/pnl-orchestrator")
             failing = client.create_flow_run_from_deployment(deployment.id, parameters={"lease_wait_s": 0})
             failed = wait_until(lambda: (run := client.read_flow_run(failing.id)).state_type == StateType.FAILED

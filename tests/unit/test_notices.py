@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
-from trading.notices import QUIET_MS, NoticeRules
+from trading.notices import QUIET_MS, RULES, NoticeRules
 
 T0 = 1_767_225_600_000  # 2026-01-01 00:00:00 UTC
 
@@ -94,3 +96,18 @@ def test_a_malformed_detail_does_not_break_the_rules() -> None:
     assert rules.notice_for({"v": 1, "ts": T0, "type": "kill_switch", "detail": "not json"}) is None
     flatten = rules.notice_for({"v": 1, "ts": T0, "type": "flatten", "detail": None})
     assert flatten is not None and flatten.subject == "Flatten by ?"
+
+
+def test_every_runbook_link_points_at_a_section() -> None:
+    """The anchors the messages link to are headings of docs/runbooks.md (GitHub's slug rule)."""
+    runbook = (Path(__file__).resolve().parents[2] / "docs" / "runbooks.md").read_text()
+    anchors = {re.sub(r"[^a-z0-9 -]", "", line[3:].strip().lower()).replace(" ", "-")
+               for line in runbook.splitlines() if line.startswith("## ")}
+    samples = {"kill_switch": {"enabled": True}, "reject": {"guard": "daily_loss"}, "go_live_decision": {}}
+    for event_type, rule in RULES.items():
+        for operator in ("preflight", "alice"):
+            made = rule(event(event_type, **samples.get(event_type, {}), operator=operator))
+            assert made is not None, event_type
+            notice = made[0]
+            assert notice.runbook.split("#")[1] in anchors, (event_type, notice.runbook)
+            assert notice.runbook in notice.body
