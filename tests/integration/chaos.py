@@ -59,6 +59,7 @@ from trading.exchange.governor import RateGovernor
 from trading.exchange.rest import BitvavoRest
 from trading.golive import record_decision
 from trading.lease import LEASE_KEY_PREFIX
+from trading.loop import stop
 from trading.pnl import Ledger
 from trading.pnl_orchestrator import rebuild_from_stream
 from trading.processes import stop_process
@@ -192,8 +193,9 @@ async def _background(coroutine: Awaitable[None]) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await stop([task])  # cancels again while it runs: a cancel lost in a library must not hang the test
+        if not task.cancelled():
+            task.exception()  # retrieved, as gather(return_exceptions=True) did: the run's own checks judge it
 
 
 async def run_chaos(sim: SimHandle, tmp_path: Path, *, phase_s: float, seed: int) -> ChaosResult:

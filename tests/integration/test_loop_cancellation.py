@@ -60,6 +60,7 @@ from trading.ingest.orderbook import OrderbookIngest
 from trading.ingest.runner import run_ingest
 from trading.ingest.ticker24h import Ticker24hIngest
 from trading.lease import LEASE_KEY_PREFIX
+from trading.loop import stop
 from trading.orders import FINAL_STATUSES, Intent, intent_id_for
 from trading.pnl_orchestrator import run_pnl
 from trading.processes import free_port
@@ -202,12 +203,18 @@ def loops_under_test(settings: Settings, servers: list[EmbeddedRedis]) -> list[L
 # -- one cancellation ------------------------------------------------------------------------------
 
 async def until(check: Callable[[], Coroutine[Any, Any, bool]], what: str, timeout_s: float = 30.0) -> None:
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not await check():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout_s} s: {what}") from None
+    """Poll `check` until it holds. The deadline is checked between polls too: redis-py sends each command
+    under `asyncio.wait_for` (socket_timeout), which on Python 3.11 can drop the cancel of a timeout that
+    lands as the send completes, and a lost cancel must not turn this into an endless poll."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                if await check():
+                    return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        await asyncio.sleep(0.02)
 
 
 async def cancel_within_grace(loop: LoopUnderTest, task: asyncio.Task[Any], scenario: str) -> None:
@@ -346,8 +353,7 @@ async def feeding(loop: LoopUnderTest, client: redis.asyncio.Redis) -> AsyncIter
     try:
         yield fed
     finally:
-        feeder.cancel()
-        await asyncio.gather(feeder, return_exceptions=True)
+        await stop([feeder])  # cancels again while it runs: redis-py's wait_for may lose a cancel (see `until`)
 
 
 async def exercise(loop: LoopUnderTest, rng: random.Random) -> None:
