@@ -27,7 +27,7 @@ lint: venv
 	$(BIN)/mypy
 
 test: lint tools
-	$(BIN)/pytest -q -rs -p no:cacheprovider
+	$(BIN)/pytest -q -rs -p no:cacheprovider --durations=25
 
 unit: venv
 	$(BIN)/pytest -q tests/unit
