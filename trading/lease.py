@@ -2,9 +2,10 @@
 
 `lease:<name>` holds the holder's random token plus who it is (host, pid, start time), set
 with NX and a TTL; `lease:<name>:fencing` is INCRed on every acquisition and the value is
-handed to the holder as its fencing token, so a side effect can be refused from a holder
-that lost the lease without knowing it. Renew and release act only when the token matches
-(Lua, atomic).
+handed to the holder as its fencing token, so a side effect of a holder that lost the lease
+without knowing it can be refused: a script compares the counter with the token the holder has
+now (`Lease.current()`, newer after a re-acquisition) before acting, as the live send claim does
+(trading/execution/live.py). Renew and release act only when the token matches (Lua, atomic).
 
 `keep_renewed()` runs beside the work (`trading/loop.py`) on the lease's own connections
 (`redis_conn.dedicated_client`: a stuck command of the loop cannot delay it), renewing every
@@ -36,7 +37,7 @@ import os
 import secrets
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, NoReturn
@@ -106,11 +107,27 @@ class LeaseHolder:
         return f"host={self.host} pid={self.pid} since {started}"
 
 
+def fencing_key(name: str) -> str:
+    """The counter of lease `name`'s acquisitions: its value is the fencing token of the latest one."""
+    return f"{LEASE_KEY_PREFIX}{name}:fencing"
+
+
 @dataclass(frozen=True)
 class Lease:
     name: str
     fencing_token: int
     holder: LeaseHolder
+    keeper: RedisLease | None = field(default=None, compare=False, repr=False)  # the RedisLease that acquired it
+
+    @property
+    def fencing_key(self) -> str:
+        return fencing_key(self.name)
+
+    def current(self) -> Lease:
+        """This instance's latest acquisition of the lease: itself, or a newer one with a new fencing token when
+        the keeper re-acquired the lease after Redis was away."""
+        latest = self.keeper.latest if self.keeper is not None else None
+        return latest if latest is not None else self
 
 
 class LeaseHeldError(RuntimeError):
@@ -149,7 +166,7 @@ class RedisLease:
         self.name = name
         self.ttl_ms = ttl_ms
         self._key = LEASE_KEY_PREFIX + name
-        self._fencing_key = self._key + ":fencing"
+        self._fencing_key = fencing_key(name)
         self._acquire = client.register_script(_ACQUIRE_LUA)
         self._renew = client.register_script(_RENEW_LUA)
         self._reacquire = client.register_script(_REACQUIRE_LUA)
@@ -217,7 +234,7 @@ class RedisLease:
                 raise LeaseHeldError(self.name, _holder_from_value(current) if current else None, int(ttl_ms))
             return None
         self.confirmed_at = attempt_at
-        self.lease = self.latest = Lease(name=self.name, fencing_token=int(result), holder=holder)
+        self.lease = self.latest = Lease(name=self.name, fencing_token=int(result), holder=holder, keeper=self)
         return self.lease
 
     async def holder(self) -> LeaseHolder | None:
@@ -257,7 +274,7 @@ class RedisLease:
                                  f"{result[1]} > ours, {self.latest.fencing_token})")
         self._value = value
         self.confirmed_at = attempt_at
-        self.lease = self.latest = Lease(name=self.name, fencing_token=int(result), holder=holder)
+        self.lease = self.latest = Lease(name=self.name, fencing_token=int(result), holder=holder, keeper=self)
         return self.lease
 
     async def release(self) -> bool:

@@ -18,6 +18,7 @@ Writers (only these roles run a writing command on the key):
 - `orders:shadow`: trading-core, and flatten (its sell intents, with `flatten:auth:*`; trading/flatten.py);
 - `orders:executed` and the order-state hashes (`orders:inflight`, `orders:live:*`, `executor:*`): executor;
 - `trading:kill`: kill-switch, flatten (switches it on first) and preflight (its drill);
+- `lease:<loop>` and its fencing counter: that loop (trading/lease.py);
 - `trading:events`: every role (the audit stream: loops and operator flows record what they did).
 The maintenance role is the broad exception: its backup DUMPs every key and its restore check
 RESTOREs them into a scratch database, and ACLs do not tell databases apart. Treat its password like
@@ -65,6 +66,7 @@ from trading.bus import (
     dead_letter_stream,
 )
 from trading.config import DEFAULT_SIGNAL_STREAM
+from trading.lease import LEASE_KEY_PREFIX, fencing_key
 
 # Commands that change data (the unit tests use it to check who may write a key).
 WRITE_COMMANDS = frozenset({"xadd", "set", "del", "hset", "hdel", "incr", "pexpire", "restore", "rename"})
@@ -119,7 +121,7 @@ def _consumer(stream: str, group: str) -> tuple[Grant, ...]:
 
 
 def _lease(name: str) -> Grant:
-    return Grant((f"lease:{name}", f"lease:{name}:fencing"), _LEASE_COMMANDS)
+    return Grant((LEASE_KEY_PREFIX + name, fencing_key(name)), _LEASE_COMMANDS)
 
 
 _EVENTS_WRITE = Grant((TRADING_EVENTS,), ("xadd", "xrevrange"))
@@ -159,8 +161,10 @@ def roles(signal_stream: str = DEFAULT_SIGNAL_STREAM) -> tuple[Role, ...]:
             Grant((KEY_KILL, KEY_TRADING_STATE, FLATTEN_AUTH_PREFIX + "*"), ("get", "exists")),
             # The ledgers (checks, flatten caps); the universe: flows/executor.py picks the paper venue's markets.
             Grant((*ledgers, KEY_GOLIVE, KEY_UNIVERSE), _HASH_READ),
-            # The live send script (trading/execution/live.py): its KEYS only; what it runs is checked above.
-            Grant((KEY_INFLIGHT, "orders:live:sent:*", KEY_KILL, KEY_GOLIVE, KEY_PNL_LIVE), ("evalsha",)),
+            # The live send script (trading/execution/live.py): its KEYS only, all in one grant (a selector
+            # allows a command only when it matches every key); what the script runs is checked above.
+            Grant((KEY_INFLIGHT, "orders:live:sent:*", KEY_KILL, KEY_GOLIVE, KEY_PNL_LIVE, fencing_key("executor")),
+                  ("evalsha",)),
             _EVENTS_WRITE)),
         Role("pnl", (
             _lease("pnl"), *_consumer(ORDERS_EXECUTED, "pnl"),

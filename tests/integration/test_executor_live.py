@@ -45,10 +45,10 @@ from trading.exchange.governor import RateGovernor
 from trading.exchange.models import Order
 from trading.exchange.rest import BitvavoRest
 from trading.execution.executor import run_executor
-from trading.execution.live import KEY_LIVE_OPEN, LiveVenue
+from trading.execution.live import KEY_LIVE_OPEN, SENT_PREFIX, LiveVenue, SendFencedError
 from trading.flatten import flatten_intent
 from trading.golive import record_decision
-from trading.lease import LEASE_KEY_PREFIX
+from trading.lease import LEASE_KEY_PREFIX, Lease, RedisLease, fencing_key
 from trading.orders import ExecutionReport, Intent, OrderOutcomeUnknownError, intent_id_for
 from trading.processes import stop_process
 
@@ -110,13 +110,17 @@ def rest(exchange: SimHandle) -> Iterator[BitvavoRest]:
 @pytest.fixture
 async def venues(exchange: SimHandle, client: redis.asyncio.Redis, tmp_path: Path
                  ) -> AsyncIterator[Callable[[], LiveVenue]]:
-    """`venues()` builds a LiveVenue on the simulator; each is closed at the end."""
+    """`venues()` builds a LiveVenue on the simulator, fenced by one lease held for the test (as the executor
+    fences its venue with its own); each is closed at the end."""
     made: list[tuple[LiveVenue, BitvavoRest]] = []
     governor = RateGovernor()
+    keeper = RedisLease(client, "live-venue-test")
+    lease = await keeper.acquire()
 
     def make() -> LiveVenue:
         rest = _rest(exchange, governor)
         venue = LiveVenue(client, _settings(exchange, tmp_path), rest=rest, **VENUE_OPTIONS)
+        venue.fence(lease)
         made.append((venue, rest))
         return venue
 
@@ -126,6 +130,7 @@ async def venues(exchange: SimHandle, client: redis.asyncio.Redis, tmp_path: Pat
         for venue, rest in made:
             await venue.close()
             rest.close()
+        await keeper.release()
 
 
 def _intent(order_type: str = "market", *, amount: Decimal | None = None, amount_quote: Decimal | None = None,
@@ -586,3 +591,118 @@ async def test_an_exchange_that_does_not_answer_at_start_leaves_no_dead_letter_a
 
 async def _async(value: bool) -> bool:
     return value
+
+
+# -- the lease fence on the send claim --------------------------------------------------------------
+
+
+async def test_a_send_after_another_instance_acquired_the_lease_is_refused_and_left_to_that_instance(
+        exchange: SimHandle, client: redis.asyncio.Redis, rest: BitvavoRest, tmp_path: Path) -> None:
+    settings, governor = _settings(exchange, tmp_path), RateGovernor()
+    stalled = LiveVenue(client, settings, rest=_rest(exchange, governor), **VENUE_OPTIONS)
+    successor = LiveVenue(client, settings, rest=_rest(exchange, governor), **VENUE_OPTIONS)
+    try:
+        first = await RedisLease(client, "executor").acquire()
+        stalled.fence(first)
+        await stalled.start()
+        # The stalled holder's lease runs out (its key is gone) and a second instance acquires it.
+        await client.delete(LEASE_KEY_PREFIX + "executor")
+        taken = await RedisLease(client, "executor").acquire()
+        assert taken.fencing_token == first.fencing_token + 1
+        successor.fence(taken)
+        await successor.start()
+
+        intent = _intent()
+        with pytest.raises(SendFencedError, match=rf"fencing counter is {taken.fencing_token}, this instance holds "
+                                                  rf"token {first.fencing_token}"):
+            await stalled.submit(intent)
+        assert _orders_for(rest, intent) == [] and stalled.stats.orders_sent == 0 and stalled.stats.fenced == 1
+        assert not await client.hexists(KEY_INFLIGHT, intent.intent_id)  # nothing claimed: the intent is free
+        assert not await client.exists(SENT_PREFIX + intent.intent_id)
+        [event] = [e for e in await read_events(client) if e["type"] == "send_fenced"]
+        assert (event["severity"], event["intent_id"]) == ("critical", intent.intent_id)
+        assert event["detail"]["counter"] == str(taken.fencing_token)
+
+        [report] = await successor.submit(intent)  # the lease holder sends it, once
+        [order] = _orders_for(rest, intent)
+        assert (report.status, report.order_id) == ("filled", order.order_id)
+    finally:
+        for venue in (stalled, successor):
+            await venue.close()
+
+
+async def test_the_fence_follows_the_lease_when_it_is_reacquired_under_a_new_token(
+        exchange: SimHandle, client: redis.asyncio.Redis, rest: BitvavoRest, tmp_path: Path) -> None:
+    settings, governor = _settings(exchange, tmp_path), RateGovernor()
+    venue = LiveVenue(client, settings, rest=_rest(exchange, governor), **VENUE_OPTIONS)
+    stale = LiveVenue(client, settings, rest=_rest(exchange, governor), **VENUE_OPTIONS)
+    try:
+        keeper = RedisLease(client, "executor")
+        initial = await keeper.acquire()
+        venue.fence(initial)  # as the executor does: with the lease it held when the loop started
+        await venue.start()
+        await client.delete(LEASE_KEY_PREFIX + "executor")  # lost with Redis's data; nobody else took it
+        again = await keeper.reacquire()
+        assert again.fencing_token == initial.fencing_token + 1 and initial.current() == again
+
+        intent = _intent()
+        [report] = await venue.submit(intent)  # the claim uses the token held now, not the initial one
+        [order] = _orders_for(rest, intent)
+        assert report.order_id == order.order_id and venue.stats.fenced == 0
+
+        # An instance still on the initial token (no keeper to follow) is fenced out.
+        stale.fence(Lease(initial.name, initial.fencing_token, initial.holder))
+        await stale.start()
+        other = _intent()
+        with pytest.raises(SendFencedError):
+            await stale.submit(other)
+        assert _orders_for(rest, other) == []
+    finally:
+        for each in (venue, stale):
+            await each.close()
+
+
+class _TakenOverBeforeSending(LiveVenue):
+    """Another executor acquires the lease just before this one sends: the fencing counter moves on. (Here the
+    counter only: the lease key stays this instance's, so its lease keeper sees nothing and only the fence can.)"""
+
+    async def submit(self, intent: Intent) -> list[ExecutionReport]:
+        await self._client.incr(fencing_key("executor"))
+        return await super().submit(intent)
+
+
+async def test_an_executor_fenced_out_at_the_send_stops_recording_nothing_and_the_next_one_sends_the_intent(
+        exchange: SimHandle, client: redis.asyncio.Redis, rest: BitvavoRest, redis_db_url: str,
+        tmp_path: Path) -> None:
+    settings = _settings(exchange, tmp_path)
+    intent = _intent()
+    async with client.pipeline(transaction=True) as tx:  # what the trading core writes
+        tx.xadd(ORDERS_SHADOW, intent.encode())  # type: ignore[arg-type]
+        tx.hset(KEY_OPEN_INTENTS, intent.intent_id, orjson.dumps({"market": MARKET, "side": "buy", "ts": intent.ts}))
+        await tx.execute()
+    fenced = _TakenOverBeforeSending(client, settings, rest=_rest(exchange, RateGovernor()), **VENUE_OPTIONS)
+    with pytest.raises(SendFencedError):
+        async with asyncio.timeout(60):
+            await run_executor(settings, redis_url=redis_db_url, venue=fenced, metrics_port=0, poll_interval_s=0.05,
+                               max_intent_age_s=60)
+    assert fenced.stats.fenced == 1 and _orders_for(rest, intent) == []
+    assert await _executed(client, intent.intent_id) == [] and await client.xlen(dead_letter_stream(ORDERS_SHADOW)) == 0
+    assert (await client.xpending(ORDERS_SHADOW, "executor"))["pending"] == 1  # left for the lease holder
+    assert [e["intent_id"] for e in await read_events(client) if e["type"] == "send_fenced"] == [intent.intent_id]
+
+    venue = LiveVenue(client, settings, rest=_rest(exchange, RateGovernor()), **VENUE_OPTIONS)
+    task = asyncio.create_task(run_executor(settings, redis_url=redis_db_url, venue=venue, metrics_port=0,
+                                            poll_interval_s=0.05, max_intent_age_s=60))
+    try:
+        async def reported() -> bool:
+            return bool(await _executed(client, intent.intent_id))
+
+        await _until(reported, timeout_s=30)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    [order] = _orders_for(rest, intent)
+    [report] = await _executed(client, intent.intent_id)
+    assert (report.status, report.order_id) == ("filled", order.order_id)
+    assert (await client.xpending(ORDERS_SHADOW, "executor"))["pending"] == 0

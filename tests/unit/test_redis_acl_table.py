@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from trading import bus
+from trading.lease import fencing_key
 from trading.redis_acl import OPERATOR_ONLY_KEYS, roles, setuser_args, setuser_lines
 
 ROLES = {spec.name: spec for spec in roles()}
@@ -71,6 +72,15 @@ def test_setuser_args_reset_the_user_and_carry_no_plaintext_given_a_hash() -> No
     lines = setuser_lines()
     assert len(lines) == len(ROLES) and all(line.startswith("ACL SETUSER ") for line in lines)
     assert "><password:executor>" in lines[[s.name for s in roles()].index("executor")]
+
+
+def test_the_live_send_claim_is_fenced_by_the_executor_lease_alone() -> None:
+    # A selector allows EVALSHA only when one grant matches every key: the claim's KEYS (trading/execution/live.py).
+    claim_keys = (bus.KEY_INFLIGHT, "orders:live:sent:x", bus.KEY_KILL, bus.KEY_GOLIVE, bus.KEY_PNL_LIVE,
+                  fencing_key("executor"))
+    assert any(all(grant.allows("evalsha", key) for key in claim_keys) for grant in ROLES["executor"].grants)
+    assert writers(fencing_key("executor")) == {"executor"}
+    assert {name for name, spec in ROLES.items() if spec.allows("evalsha", fencing_key("executor"))} == {"executor"}
 
 
 def test_a_flow_reads_what_it_reads_before_its_loop_starts() -> None:

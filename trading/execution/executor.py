@@ -26,7 +26,10 @@ skipped silently. Per intent, in this order:
 5. `venue.submit(intent)`; bad input only the venue can judge comes back as `IntentError` → dead
    letter. `OrderOutcomeUnknownError` (live: the exchange cannot say whether the order exists) is
    not retried into a dead letter: the entry is done, an `order_outcome_unknown` event says so, and
-   the venue keeps the intent in flight and reports its order through `poll()` once it can;
+   the venue keeps the intent in flight and reports its order through `poll()` once it can.
+   `LeaseLostError` (live: the send claim's fence found that another instance acquired the lease;
+   the venue gets the lease when the loop does) records nothing and stops the loop, as the lease
+   keeper does when the fencing counter moves: the entry stays unacknowledged for the lease holder;
 6. the reports, in the consumer's transaction (with the ack): XADD to `orders:executed`, the open
    paper order's last report in `KEY_PAPER_OPEN`, HDEL `orders:inflight` for live reports, an
    `order` / `order_rejected` event, the done mark (the PnL loop removes a final report's intent
@@ -56,7 +59,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
 import redis.asyncio
@@ -85,7 +88,7 @@ from trading.execution.intent_checks import Violation, check_intent, ledger_fiel
 from trading.execution.paper import KEY_PAPER_OPEN, PaperVenue, restart_cancellations
 from trading.golive import live_gate
 from trading.lake import HOUR_MS, LakeFormatError, LakeWriteError, LakeWriter, TornTail, read_jsonl
-from trading.lease import Lease
+from trading.lease import Lease, LeaseLostError
 from trading.log_sampling import worth_logging
 from trading.loop import every, run_guarded
 from trading.metrics import LabelCache, MetricsEndpoint
@@ -194,6 +197,13 @@ class ExecutorSummary:
     metrics_url: str = ""
 
 
+@runtime_checkable
+class FencedVenue(Protocol):
+    """A venue whose sends are fenced by the executor's lease (the live venue)."""
+
+    def fence(self, lease: Lease) -> None: ...
+
+
 class Executor:
     """The loop's state and steps; `run_executor` wires it under the lease."""
 
@@ -224,10 +234,15 @@ class Executor:
         self._uncommitted: set[str] = set()
         self._poll_backlog: list[ExecutionReport] = []  # polled, not yet in Redis (Redis was down)
         self._poll_failures = 0
+        self._fenced: asyncio.Future[LeaseLostError] | None = None  # set by a send the lease fence refused
 
     def work(self, lease: Lease) -> Sequence[Coroutine[Any, Any, None]]:
         self.summary.fencing_token = lease.fencing_token
-        return [self._consume(), self._poll_forever(), self._gauges_forever(), self._lake_forever()]
+        if isinstance(self.venue, FencedVenue):
+            self.venue.fence(lease)
+        self._fenced = asyncio.get_running_loop().create_future()
+        return [self._consume(), self._poll_forever(), self._gauges_forever(), self._lake_forever(),
+                self._stop_when_fenced(self._fenced)]
 
     # -- coroutines under the lease --------------------------------------------------------------
 
@@ -243,6 +258,10 @@ class Executor:
         self._ready.set()
         log.info("executor: %s venue started; consuming %s as group %s", self._mode, ORDERS_SHADOW, EXECUTOR)
         await self.consumer.run(self.handle)
+
+    async def _stop_when_fenced(self, fenced: asyncio.Future[LeaseLostError]) -> None:
+        """Raise the fence's refusal, ending the loop: the consumer would retry the entry into a dead letter."""
+        raise await fenced
 
     async def _poll_forever(self) -> None:
         await self._ready.wait()
@@ -326,6 +345,13 @@ class Executor:
             self._queue_outcome_unknown(tx, intent, str(exc))
             consumer.mark_done(tx, intent.intent_id)
             return
+        except LeaseLostError as exc:  # another instance holds the lease: nothing recorded, the loop stops
+            self._uncommitted.discard(intent.intent_id)
+            self.metrics.refusals("fenced").inc()
+            self.summary.refusals["fenced"] = self.summary.refusals.get("fenced", 0) + 1
+            if self._fenced is not None and not self._fenced.done():
+                self._fenced.set_result(exc)
+            raise
         self.metrics.submit_latency(mode).observe(time.perf_counter() - started)
         self._queue_reports(tx, reports)
         consumer.mark_done(tx, intent.intent_id)

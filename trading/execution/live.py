@@ -26,6 +26,13 @@ The send claim re-checks the kill switch and the go-live gate atomically with th
 A flatten sale (`Intent.purpose`) passes both there, within its cap: scope `ledger`, the live
 ledger's position of the market (`trading:pnl:live`); scope `account`, the exchange's own check
 of the available balance.
+
+The claim is fenced by the executor's lease (`fence()`, trading/lease.py): it goes through only
+while `lease:executor:fencing` is the token this instance holds now (re-read at every send, so a
+re-acquisition after a Redis restart counts). Another instance that acquired the lease since moved
+the counter on: nothing is claimed or sent, a critical `send_fenced` event says so, and
+`SendFencedError` is raised; the intent stays unacknowledged for the instance that holds the lease
+(the executor records nothing for it). A venue never fenced sends nothing (`blocked_reason()`).
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from trading.exchange.market_rules import rules_from_markets
 from trading.exchange.models import Order, PayloadError
 from trading.exchange.rest import BitvavoRest
 from trading.execution.market_rules_book import MarketRulesBook
+from trading.lease import Lease, LeaseLostError
 from trading.orders import (
     FINAL_STATUSES,
     ExecutionReport,
@@ -69,12 +77,15 @@ from trading.orders import (
 
 log = logging.getLogger(__name__)
 
-# KEYS: in-flight hash, sent marker, kill switch, go-live hash, live ledger hash.
+# KEYS: in-flight hash, sent marker, kill switch, go-live hash, live ledger hash, the lease's fencing counter.
 # ARGV: intent_id, in-flight JSON, sent_ms, TTL s, what passes: 'trade' (kill switch off and gate open) or a
 # flatten sale's scope, 'ledger' (within the live ledger's position field ARGV[6]: ARGV[7] <= it) or 'account'
-# (the exchange caps it at the available balance). tonumber gives a double; rounding is monotonic, so an
-# amount <= the position in decimals is never refused.
+# (the exchange caps it at the available balance); ARGV[8] our fencing token. The fence comes first: an instance
+# that lost the lease neither sends nor looks up an intent another may be handling. tonumber gives a double;
+# rounding is monotonic, so an amount <= the position in decimals is never refused.
 _CLAIM_SEND_LUA = """
+local fence = redis.call('GET', KEYS[6])
+if fence ~= ARGV[8] then return 'fenced ' .. (fence or 'unset') end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'sent' end
 if ARGV[5] == 'trade' then
   if redis.call('GET', KEYS[3]) == '1' then return 'kill switch is on (trading:kill=1)' end
@@ -101,6 +112,7 @@ POLL_WEIGHT_PER_MINUTE = 300
 RECONCILE_RETRY_FIRST_MS = 500  # after a failed reconciliation; doubles up to reconcile_interval_s
 EVENT_RECONCILE = "reconcile"
 EVENT_UNCERTAIN = "order_uncertain"
+EVENT_FENCED = "send_fenced"
 ZERO = Decimal(0)
 
 NOT_IN_ACCESS_WINDOW = 304
@@ -281,9 +293,15 @@ class Mismatch:
         return f"{self.kind}:{self.key}"
 
 
+class SendFencedError(LeaseLostError):
+    """The send claim found the lease's fencing counter at another token than this instance's: another executor
+    acquired the lease. Nothing was claimed or sent; the intent is the lease holder's now."""
+
+
 @dataclass
 class LiveVenueStats:
     orders_sent: int = 0
+    fenced: int = 0  # sends refused by the lease fence
     refused_by_exchange: int = 0
     outcome_uncertain: int = 0
     found_by_lookup: int = 0
@@ -330,9 +348,15 @@ class LiveVenue:
         self._next_poll_ms = 0
         self._next_reconcile_ms = 0
         self._reconcile_retry_ms = RECONCILE_RETRY_FIRST_MS  # the next wait after a reconciliation that failed
+        self._lease: Lease | None = None  # fences every send (fence())
 
     def __repr__(self) -> str:
         return f"LiveVenue({self._rest!r})"
+
+    def fence(self, lease: Lease) -> None:
+        """Send only while `lease` (the executor's) is held: its latest acquisition's token is checked at every
+        send claim (module docstring)."""
+        self._lease = lease
 
     # -- Venue protocol ---------------------------------------------------------------------------
 
@@ -351,6 +375,8 @@ class LiveVenue:
     def blocked_reason(self) -> str | None:
         if not self._started:
             return "live venue not started: reconciliation with the exchange has not run"
+        if self._lease is None:
+            return "live venue not fenced: only the executor, holding its lease, sends live orders"
         problems = []
         if not self.market_rules.loaded:
             problems.append("market rules (GET /markets) not loaded yet")
@@ -450,11 +476,17 @@ class LiveVenue:
         # One atomic step, acknowledged by Redis before anything goes to the exchange: refuse when the
         # kill switch is on or the gate closed, or a flatten sale exceeds the ledger position (checked here,
         # after any wait for the lock, not only by the executor earlier), and claim the send so that no other
-        # instance (one that took over after a stall cost us the lease) can send the same clientOrderId again.
+        # instance (one that took over after a stall cost us the lease) can send the same clientOrderId again;
+        # refuse outright when such an instance exists (the fence).
+        assert self._lease is not None  # blocked_reason() refused an unfenced venue before this
+        held = self._lease.current()
         verdict = await self._claim_send(
-            keys=[KEY_INFLIGHT, SENT_PREFIX + intent_id, KEY_KILL, KEY_GOLIVE, KEY_PNL_LIVE],
+            keys=[KEY_INFLIGHT, SENT_PREFIX + intent_id, KEY_KILL, KEY_GOLIVE, KEY_PNL_LIVE, held.fencing_key],
             args=[intent_id, inflight_json(intent, sent_ms), sent_ms, SENT_TTL_S, passes,
-                  f"{intent.market}:position", format_decimal(intent.amount) if intent.amount is not None else ""])
+                  f"{intent.market}:position", format_decimal(intent.amount) if intent.amount is not None else "",
+                  held.fencing_token])
+        if verdict.startswith("fenced "):
+            await self._refuse_fenced(intent, held, verdict.removeprefix("fenced "))
         if verdict == "sent":  # claimed before: look it up, never send twice
             inflight_raw = await self._client.hget(KEY_INFLIGHT, intent_id)
             earlier = parse_inflight(inflight_raw)[1] if inflight_raw is not None else 0
@@ -490,6 +522,16 @@ class LiveVenue:
             # Whatever went wrong after the in-flight write, the entry is left for reconciliation.
             self._unresolved.setdefault(intent_id, f"{type(exc).__name__} after sending")
             raise
+
+    async def _refuse_fenced(self, intent: Intent, held: Lease, counter: str) -> None:
+        self.stats.fenced += 1
+        detail = (f"not sent: lease {held.name!r} fencing counter is {counter}, this instance holds token "
+                  f"{held.fencing_token}: another executor acquired the lease")
+        log.error("live venue: intent %s %s", intent.intent_id, detail)
+        await self._emit([(EVENT_FENCED, Severity.CRITICAL, intent.market, intent.intent_id,
+                           {"reason": detail, "counter": counter, "token": held.fencing_token,
+                            "action": "left for the lease holder"})])
+        raise SendFencedError(f"intent {intent.intent_id}: {detail}")
 
     def _place(self, intent: Intent) -> Order:
         return self._rest.place_order(
