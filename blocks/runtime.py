@@ -7,6 +7,7 @@ read (wrong encryption key) fails the run: trading on half a configuration is wo
 Redis: a flow names its role (`redis_role`, trading/redis_acl.py); when the `redis-<role>` block
 exists (make up saves one per role), its user and password replace the URL's, so the flow can
 touch only its own keys. Without the block, `REDIS_URL` (or the embedded default) as it is.
+Synchronous flows (universe selection, backup) use `with_redis_user_sync`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,21 @@ async def with_redis_user(settings: Settings, role: str) -> Settings:
         if isinstance(exc.__cause__, ObjectNotFound):
             return settings
         raise
+    return _as_user(settings, block)
+
+
+def with_redis_user_sync(settings: Settings, role: str) -> Settings:
+    """`with_redis_user` for a synchronous flow."""
+    try:
+        block = cast(RedisDatabase, RedisDatabase.load(f"redis-{role}"))
+    except ValueError as exc:
+        if isinstance(exc.__cause__, ObjectNotFound):
+            return settings
+        raise
+    return _as_user(settings, block)
+
+
+def _as_user(settings: Settings, block: RedisDatabase) -> Settings:
     if not settings.redis_url or block.username is None or block.password is None:
         return settings  # the embedded default has no users, and a block without them changes nothing
     parts = urlsplit(settings.redis_url)

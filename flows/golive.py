@@ -55,7 +55,10 @@ async def go_live(operator: str, reason: str, participants: list[str], risks: st
     if not 0 < valid_for_h <= 24:
         raise ValueError("valid_for_h must be in (0, 24]: a GO is re-decided at least daily")
     logger = get_run_logger()
-    settings = await load_settings()
+    # Redis as the go-live user: it reads and writes the decision only. The checklist below is the preflight
+    # flow, which connects as the preflight user itself: its drill switches trading:kill, a right only the
+    # kill-switch, flatten and preflight users have, so go-live is not given the checklist's grants.
+    settings = await load_settings(redis_role="go-live")
     rows: list[dict[str, str]] = []
     async with connected(settings) as client:
         seen = await latest_decided_ms(client) or ""  # a decision recorded after this one wins

@@ -3,7 +3,9 @@
 Each flow reads `Settings.from_env()` and the lake's paths (`blocks.lake`: the `lake-settings`
 block, or its defaults beside the lake), calls `trading.maintenance`, logs milestones, publishes a
 table artifact of what it did and returns a summary dict. A run with errors publishes its
-artifact first and then fails, so it stands out in the run history.
+artifact first and then fails, so it stands out in the run history. Only the backup uses Redis, as
+the `maintenance` user (blocks/runtime.py): the DUMP of every key, and the restore check's RESTORE
+into `scratch_redis_db`.
 
 Late runs (a run that starts more than `max_lateness_s` after its scheduled time, e.g. a backlog
 after the worker was down): compaction skips and says so, because the next hourly run takes
@@ -22,6 +24,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from blocks.lake import lake_paths
+from blocks.runtime import with_redis_user_sync
 from flows.lateness import late_note, lateness_s
 from trading.clock import now_ms
 from trading.config import Settings
@@ -142,7 +145,7 @@ def backup(backup_dir: str | None = None, scratch_redis_db: int | None = None,
     """
     _check_non_negative(max_lateness_s=max_lateness_s)
     logger = get_run_logger()
-    settings = Settings.from_env()
+    settings = with_redis_user_sync(Settings.from_env(), "maintenance")
     paths = lake_paths(settings.parquet_dir)
     lateness, late = _lateness(logger, "backup", "backing up anyway (a missing backup is the bigger risk)",
                                max_lateness_s)

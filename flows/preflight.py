@@ -9,6 +9,10 @@ traceback); its result is a `PreflightNoGo` with that message, raised to a calli
 Maintenance checks on a fresh stack: a job whose first scheduled run has not come due yet (its
 deployment is younger than its schedule) is "not yet due", a SKIP in dry-run and a FAIL live,
 with the `prefect deployment run ...` that clears it (trading/preflight.py).
+
+Redis as the `preflight` user (blocks/runtime.py), also when the go-live flow runs this one: its
+checks read the streams, leases and live ledger, its drill switches `trading:kill` and sends one
+signal, and a NO-GO writes the closing decision to `trading:golive`.
 """
 
 from __future__ import annotations
@@ -217,7 +221,7 @@ async def preflight(live: bool = False, drill: bool = True, loops: list[LoopName
         max_lateness_s: a run starting later than this after its scheduled time skips the kill-switch drill.
     """
     logger = get_run_logger()
-    settings = await load_settings()
+    settings = await load_settings(redis_role="preflight")
     selected = loops if loops is not None else list(LOOP_METRICS)
     lateness = lateness_s()
     late = lateness > max_lateness_s
@@ -263,7 +267,7 @@ async def _close_gate(url: str, verdict: pf.Verdict) -> None:
         await record_decision(client, decision=DECISION_NO_GO, operator="preflight",
                               reason="NO-GO: " + ", ".join(c.name for c in verdict.failed),
                               decided_ms=now_ms(), valid_for_ms=1)
-    except Exception:  # Redis down: the gate reads a GO that can only be as fresh as Redis allows
-        get_run_logger().warning("could not close the live gate: Redis unreachable")
+    except Exception as exc:  # Redis down: the gate reads a GO that can only be as fresh as Redis allows
+        get_run_logger().warning("could not close the live gate: %s: %s", type(exc).__name__, exc)
     finally:
         await client.aclose()

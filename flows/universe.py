@@ -3,7 +3,7 @@
 The work is `trading.universe.run_selection`; this flow checks that its run is not stale, builds
 the config from its parameters, and publishes the decision as a table artifact
 (`universe-selection`) with every market's action and reasons. Only public REST endpoints are
-called, unsigned: no credentials are read.
+called, unsigned: no Bitvavo credentials are read. Redis as the `universe` user (blocks/runtime.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from blocks.runtime import with_redis_user_sync
 from flows.lateness import late_note, lateness_s
 from trading.clock import now_ms
 from trading.config import Settings
@@ -90,7 +91,7 @@ def universe_selection(
         min_depth_eur=min_depth_eur, depth_bps=depth_bps, blacklist=tuple(blacklist or ()), quote=quote,
         candle_interval=candle_interval, volatility_candles=volatility_candles, min_qualify_s=min_qualify_s,
         min_fail_s=min_fail_s, max_data_age_s=max_data_age_s)  # a bad parameter fails here, named
-    settings = Settings.from_env()
+    settings = with_redis_user_sync(Settings.from_env(), "universe")
     rest = BitvavoRest(settings.bitvavo_rest_url)
     try:
         with redis_url(settings) as url:

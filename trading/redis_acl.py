@@ -18,6 +18,8 @@ Writers (only these roles run a writing command on the key):
 - `orders:shadow`: trading-core, and flatten (its sell intents, with `flatten:auth:*`; trading/flatten.py);
 - `orders:executed` and the order-state hashes (`orders:inflight`, `orders:live:*`, `executor:*`): executor;
 - `trading:kill`: kill-switch, flatten (switches it on first) and preflight (its drill);
+- `trading:golive`: go-live, and preflight (a NO-GO closes the live gate; ACLs cannot tell its NO-GO
+  from a GO, so that promise rests on flows/preflight.py);
 - `lease:<loop>` and its fencing counter: that loop (trading/lease.py);
 - `trading:events`: every role (the audit stream: loops and operator flows record what they did).
 The maintenance role is the broad exception: its backup DUMPs every key and its restore check
@@ -184,27 +186,27 @@ def roles(signal_stream: str = DEFAULT_SIGNAL_STREAM) -> tuple[Role, ...]:
             Grant(ledgers, _HASH_READ),
             Grant((ORDERS_EXECUTED,), _STREAM_READ),
             _EVENTS_READ)),
+        # The decision only (flows/golive.py): the checklist it runs is the preflight flow, as the preflight user.
         Role("go-live", (
-            Grant((KEY_KILL,), ("get", "exists")),
             Grant((KEY_GOLIVE,), (*_HASH_READ, *_HASH_WRITE, "watch")),
-            Grant(ledgers, _HASH_READ),
-            _EVENTS_READ)),
+            _EVENTS_WRITE)),
         Role("preflight", (
             # The kill-switch drill takes and gives back the switch in scripts (trading/preflight.py),
             # and sends one drill signal that the trading core must refuse.
             Grant((KEY_KILL, KEY_KILL_DRILL), ("get", "exists", "set", "del", "eval", "evalsha")),
             Grant((signal_stream,), ("xadd", *_STREAM_READ)),
-            Grant(("lease:*",), ("exists", "get", "pttl")),
-            Grant((ORDERS_SHADOW, ORDERS_EXECUTED, STREAM_BOOK, STREAM_TICKER24H), _STREAM_READ),
-            Grant((*ledgers, KEY_GOLIVE, KEY_UNIVERSE), _HASH_READ),
+            Grant(("lease:*",), ("exists",)),
+            Grant((ORDERS_SHADOW, STREAM_BOOK, STREAM_TICKER24H), (*_STREAM_READ, "exists")),
+            Grant((KEY_PNL_LIVE,), _HASH_READ),
+            Grant((KEY_GOLIVE,), _HASH_WRITE),  # a NO-GO closes the live gate (flows/preflight.py)
             _EVENTS_READ)),
         Role("universe", (
             Grant((KEY_UNIVERSE, "universe:*"), (*_HASH_READ, *_HASH_WRITE, "watch")),
             Grant(market_streams, _STREAM_READ),
             _EVENTS_WRITE)),
         Role("maintenance", (
-            # Backup: a DUMP of every key. Restore check: RESTORE into a scratch database (SELECT).
-            Grant(("*",), ("scan", "type", "pttl", "dump", "exists", "get", "restore", "del", "rename")),
+            # Backup: a DUMP of every key. Restore check: RESTORE into a scratch database (SELECT), then DEL.
+            Grant(("*",), ("scan", "type", "pttl", "dump", "restore", "del")),
             Grant((), ("select", "dbsize")),
             _EVENTS_WRITE)),
     )

@@ -48,7 +48,7 @@ def test_single_writer_keys() -> None:
     assert writers(bus.flatten_authorization_key("x")) == {"flatten"}
     assert writers("signals:baseline") == {"signal-engine", "preflight"}  # preflight's drill signal
     assert writers(bus.KEY_PNL_PAPER) == writers(bus.KEY_PNL_LIVE) == {"pnl"}
-    assert writers(bus.KEY_GOLIVE) == {"go-live"}
+    assert writers(bus.KEY_GOLIVE) == {"go-live", "preflight"}  # preflight: a NO-GO closes the gate
     assert writers(bus.KEY_UNIVERSE) == {"universe"}
     assert writers(bus.TRADING_EVENTS) == LOOPS_AND_FLOWS - {"maintenance"}
 
@@ -81,6 +81,15 @@ def test_the_live_send_claim_is_fenced_by_the_executor_lease_alone() -> None:
     assert any(all(grant.allows("evalsha", key) for key in claim_keys) for grant in ROLES["executor"].grants)
     assert writers(fencing_key("executor")) == {"executor"}
     assert {name for name, spec in ROLES.items() if spec.allows("evalsha", fencing_key("executor"))} == {"executor"}
+
+
+def test_go_live_decides_and_the_checklist_is_preflight_s() -> None:
+    # flows/golive.py runs the checklist as the preflight flow, under the preflight user: go-live needs none of it.
+    go_live = ROLES["go-live"]
+    assert go_live.allows("watch", bus.KEY_GOLIVE) and go_live.allows("hset", bus.KEY_GOLIVE)
+    assert not any(go_live.allows(command, bus.KEY_KILL) for command in ("get", "set", "eval"))
+    assert ROLES["preflight"].allows("exists", bus.STREAM_BOOK)  # the signal engine check
+    assert not ROLES["maintenance"].allows("rename", "any-key")
 
 
 def test_a_flow_reads_what_it_reads_before_its_loop_starts() -> None:
