@@ -174,7 +174,8 @@ def roles(signal_stream: str = DEFAULT_SIGNAL_STREAM) -> tuple[Role, ...]:
             Grant((KEY_OPEN_INTENTS,), (*_HASH_READ, "hdel")),
             Grant((STREAM_BOOK,), _STREAM_READ),
             _EVENTS_READ)),
-        Role("ops-metrics", (_lease("ops-metrics"), _EVENTS_WRITE)),
+        # The exporter, and the notices relay: its group on the audit stream (trading/notices.py).
+        Role("ops-metrics", (_lease("ops-metrics"), *_consumer(TRADING_EVENTS, "notices"), _EVENTS_WRITE)),
         Role("kill-switch", (
             Grant((KEY_KILL, KEY_KILL_DRILL), ("get", "exists", "set", "del")),
             _EVENTS_WRITE)),
